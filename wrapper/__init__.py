@@ -1,0 +1,1 @@
+"""Run external programs on Butler datasets (issue 4/5)."""
