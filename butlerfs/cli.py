@@ -1,0 +1,168 @@
+"""The ``butlerfs`` command, and the same commands as ``butler`` subcommands.
+
+The CLI parses and prints; `butlerfs.mounting` and friends compute. A user
+mistake is one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import UsageError
+
+__all__ = ["butler_plugin_commands", "main"]
+
+
+def _split_commas(ctx: click.Context, param: click.Parameter, values: Iterable[str]) -> tuple[str, ...]:
+    """Accept ``-c a,b -c c`` as butler commands do."""
+    return tuple(part.strip() for value in values for part in value.split(",") if part.strip())
+
+
+def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn `UsageError` into click's one-line error and exit status."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except UsageError as err:
+            raise click.ClickException(str(err)) from None
+
+    return wrapper
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # Query plans and SQL are the Butler's business, not the user's.
+    logging.getLogger("lsst.daf.butler").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+collections_option = click.option(
+    "--collections", "-c", multiple=True, callback=_split_commas, metavar="COLL",
+    help="Collections to search, in order (find-first; CHAINED collections work). Repeat or comma-separate.",
+)
+dataset_type_option = click.option(
+    "--dataset-type", "-t", "dataset_types", multiple=True, callback=_split_commas, metavar="TYPE",
+    help="Dataset types to show (names or glob patterns). Default: every type in the collections.",
+)
+where_option = click.option(
+    "--where", "-w", default="", metavar="EXPR",
+    help="Butler query expression constraining the datasets shown, e.g. \"visit = 733724\".",
+)
+
+
+@click.command("mount")
+@click.argument("repo")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@collections_option
+@dataset_type_option
+@where_option
+@click.option("--refresh", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds a directory listing is trusted before the registry is asked again.")
+@click.option("--subtree-limit", default=20_000, show_default=True, type=click.IntRange(min=0),
+              help="Fetch a directory's whole subtree in one query when it holds at most this many datasets.")
+@click.option("--foreground", "-f", is_flag=True, help="Serve in this process until unmounted (Ctrl-C).")
+@click.option("--allow-other", is_flag=True, help="Let other users read the mount.")
+@click.option("--single-thread", is_flag=True, help="Serve FUSE requests on one thread (for debugging).")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
+              help="Daemon log (default: under $XDG_RUNTIME_DIR or /tmp).")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@_user_errors
+def mount_command(
+    repo: str,
+    mountpoint: str,
+    collections: tuple[str, ...],
+    dataset_types: tuple[str, ...],
+    where: str,
+    refresh: float,
+    subtree_limit: int,
+    foreground: bool,
+    allow_other: bool,
+    single_thread: bool,
+    log_file: str | None,
+    log_level: str,
+) -> None:
+    """Mount Butler repository REPO read-only at MOUNTPOINT.
+
+    Datasets appear as MOUNTPOINT/<dataset type>/<dimension>_<value>/.../<file>.
+    Without --foreground the command returns once the mount is ready.
+    """
+    from .mounting import MountOptions, preflight, serve, spawn
+
+    options = MountOptions(
+        repo=repo, mountpoint=mountpoint, collections=collections, dataset_types=dataset_types,
+        where=where, refresh=refresh, subtree_limit=subtree_limit, threads=not single_thread,
+        allow_other=allow_other, log_file=log_file, log_level=log_level.upper(),
+    )
+    if foreground:
+        _configure_logging(log_level)
+        options.mountpoint = preflight(mountpoint)
+        serve(options, on_mounted=lambda: click.echo(f"Mounted {repo} at {options.mountpoint}", err=True))
+        return
+    pid = spawn(options)
+    click.echo(f"Mounted {repo} at {options.mountpoint} (daemon {pid}, log {options.log_file})")
+
+
+@click.command("umount")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@_user_errors
+def umount_command(mountpoint: str) -> None:
+    """Unmount a butlerfs MOUNTPOINT, also one whose daemon died."""
+    from .mounting import unmount
+
+    unmount(mountpoint)
+
+
+@click.command("demo-repo")
+@click.argument("root", type=click.Path(file_okay=False))
+@click.option("--visits", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--detectors", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--image-size", default=512, show_default=True, type=click.IntRange(min=64),
+              help="Pixels on a side of each calexp.")
+@click.option("--datastore-root", default=None, help="Datastore root URI (default: inside ROOT).")
+@click.option("--force", is_flag=True, help="Replace ROOT if it exists.")
+@_user_errors
+def demo_repo_command(
+    root: str, visits: int, detectors: int, image_size: int, datastore_root: str | None, force: bool
+) -> None:
+    """Create a demo repository at ROOT shaped like Rubin's DP0.2 data."""
+    from .demo import make_demo_repo
+
+    try:
+        summary = make_demo_repo(
+            root, visits=visits, detectors=detectors, image_size=image_size,
+            datastore_root=datastore_root, force=force,
+        )
+    except FileExistsError as err:
+        raise UsageError(f"{root} exists and is not empty: pass --force to replace it ({err})") from None
+    click.echo(f"Created demo repository {summary.root}")
+    for name, count in sorted(summary.dataset_counts.items()):
+        click.echo(f"  {name}: {count} datasets")
+    click.echo(f"  collections: {', '.join(summary.collections)}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="butlerfs")
+@click.option("--log-level", default="WARNING", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="Logging level of this command (the daemon has its own, see mount --log-level).")
+def main(log_level: str) -> None:
+    """butlerfs: a read-only POSIX view of a Rubin Butler repository."""
+    _configure_logging(log_level)
+
+
+main.add_command(mount_command)
+main.add_command(umount_command)
+main.add_command(demo_repo_command)
+
+
+def butler_plugin_commands() -> list[click.Command]:
+    """Return the commands ``butler`` gains through the ``butler.cli`` entry point."""
+    return [mount_command, umount_command]

@@ -1,0 +1,179 @@
+"""The FUSE adapter: the one module that imports the FUSE binding (mfusepy).
+
+Each operation translates a call into `ButlerSource` and nothing else; errors are
+`OSError` subclasses carrying their errno, which mfusepy returns as ``-errno``.
+Reads go straight into the kernel's buffer (``preadv`` on a view of it), which
+saves a copy per request and releases the GIL during the read.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import mfusepy
+
+from .errors import FsError, read_only
+from .source import ButlerSource
+
+__all__ = ["ButlerFuse", "run_fuse"]
+
+_LOG = logging.getLogger(__name__)
+
+# Larger kernel requests mean fewer Python round trips (about 25 us each).
+MAX_REQUEST = 1 << 20
+
+
+class ButlerFuse(mfusepy.Operations):
+    """mfusepy operations over a `ButlerSource`.
+
+    Parameters
+    ----------
+    source : `ButlerSource`
+        What the mount shows.
+    on_ready : callable, optional
+        Called once the kernel has mounted the filesystem.
+    """
+
+    use_ns = True
+
+    def __init__(self, source: ButlerSource, on_ready: Callable[[], None] | None = None) -> None:
+        self.source = source
+        self._on_ready = on_ready
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        # Datasets are immutable per UUID: let the kernel cache attributes for the
+        # refresh interval and keep file pages across opens while size and mtime
+        # (the ingest date) are unchanged. Missing names are not cached, so new
+        # datasets appear as soon as the listing is refreshed.
+        if config is not None:
+            timeout = float(self.source.refresh)
+            config.entry_timeout = timeout
+            config.attr_timeout = timeout
+            config.negative_timeout = 0.0
+            config.auto_cache = 1
+            config.kernel_cache = 0
+        if self._on_ready is not None:
+            self._on_ready()
+
+    def destroy(self, path: str) -> None:
+        self.source.close()
+
+    def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
+        attrs = self.source.getattr(path)
+        uid, gid = self.source.owner
+        mtime_ns = int(attrs.mtime * 1e9)
+        return {
+            "st_mode": attrs.mode,
+            "st_size": attrs.size,
+            "st_nlink": attrs.nlink,
+            "st_uid": uid,
+            "st_gid": gid,
+            "st_mtime": mtime_ns,
+            "st_ctime": mtime_ns,
+            "st_atime": mtime_ns,
+            "st_blksize": MAX_REQUEST,
+            "st_blocks": (attrs.size + 511) // 512,
+        }
+
+    def readdir(self, path: str, fh: int) -> list[str]:
+        return [".", "..", *(name for name, _ in self.source.listdir(path))]
+
+    def open(self, path: str, flags: int) -> int:
+        return self.source.open(path, flags)
+
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        return self.source.read(fh, size, offset)
+
+    def release(self, path: str, fh: int) -> int:
+        self.source.release(fh)
+        return 0
+
+    def statfs(self, path: str) -> dict[str, int]:
+        return self.source.statfs()
+
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        value = self.source.xattrs(path).get(name)
+        if value is None:
+            raise FsError(mfusepy.ENOATTR)
+        return value
+
+    def listxattr(self, path: str) -> list[str]:
+        return list(self.source.xattrs(path))
+
+    def access(self, path: str, amode: int) -> int:
+        self.source.lookup(path)
+        if amode & os.W_OK:
+            raise read_only(path)
+        return 0
+
+    # Everything that would change the tree fails early with EROFS.
+    def _refuse(self, path: str, *args: Any) -> None:
+        raise read_only(path)
+
+    create = mkdir = unlink = rmdir = chmod = chown = truncate = utimens = _refuse
+    setxattr = removexattr = write = mknod = _refuse
+
+    def rename(self, old: str, new: str) -> None:
+        raise read_only(old)
+
+    def link(self, target: str, source: str) -> None:
+        raise read_only(target)
+
+    def symlink(self, target: str, source: str) -> None:
+        raise read_only(target)
+
+
+class _ZeroCopyFUSE(mfusepy.FUSE):
+    """mfusepy's FUSE with a read that fills the kernel buffer in place."""
+
+    def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        source: ButlerSource = self.operations.source
+        address = ctypes.cast(buf, ctypes.c_void_p).value
+        if not address:
+            return -errno.EFAULT
+        view = memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+        return source.read_into(fip.contents.fh, view, offset)
+
+
+def run_fuse(
+    source: ButlerSource,
+    mountpoint: str,
+    *,
+    on_ready: Callable[[], None] | None = None,
+    threads: bool = True,
+    allow_other: bool = False,
+    debug: bool = False,
+) -> None:
+    """Mount ``source`` at ``mountpoint`` and serve requests until unmounted.
+
+    Parameters
+    ----------
+    source : `ButlerSource`
+        What to show.
+    mountpoint : `str`
+        An empty directory.
+    on_ready : callable, optional
+        Called once mounted.
+    threads : `bool`, optional
+        Serve requests on several threads (reads then overlap).
+    allow_other : `bool`, optional
+        Let other users see the mount (needs ``user_allow_other`` for non-root).
+    debug : `bool`, optional
+        libfuse's debug output on stderr.
+    """
+    options: dict[str, Any] = {
+        "foreground": True,
+        "nothreads": not threads,
+        "ro": True,
+        "fsname": "butlerfs",
+        "subtype": "butlerfs",
+        "debug": debug,
+    }
+    if allow_other:
+        options["allow_other"] = True
+    _ZeroCopyFUSE(ButlerFuse(source, on_ready), mountpoint, **options)

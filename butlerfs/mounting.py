@@ -1,0 +1,346 @@
+"""Mount and unmount: checks, the background daemon, and the Python API.
+
+A background mount is a separate process (``python -m butlerfs.daemon``) started
+before any Butler, thread or client exists in it. It opens the repository, mounts,
+and writes one line on an inherited pipe: ``ok`` once the kernel has mounted the
+filesystem, or ``error <message>``. The parent waits for that line, so
+``butlerfs mount`` returns when the mount is usable, or fails with the reason and
+leaves nothing mounted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+from .errors import UsageError
+
+__all__ = ["Mount", "MountOptions", "mount", "preflight", "serve", "spawn", "unmount"]
+
+_LOG = logging.getLogger(__name__)
+
+READY_FD_ENV = "BUTLERFS_READY_FD"
+READ_AHEAD_KB = 4096
+
+
+@dataclasses.dataclass
+class MountOptions:
+    """Everything a mount needs; serialisable so the daemon gets it verbatim."""
+
+    repo: str
+    mountpoint: str
+    collections: Sequence[str]
+    dataset_types: Sequence[str] = ()
+    where: str = ""
+    refresh: float = 60.0
+    subtree_limit: int = 20_000
+    threads: bool = True
+    allow_other: bool = False
+    read_ahead_kb: int = READ_AHEAD_KB
+    log_file: str | None = None
+    log_level: str = "INFO"
+
+    def to_json(self) -> str:
+        """Serialise for the daemon's command line."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> MountOptions:
+        """Inverse of `to_json`."""
+        return cls(**json.loads(text))
+
+
+def state_dir() -> str:
+    """Return the per-user directory holding daemon logs and PID files."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    path = os.path.join(base, f"butlerfs-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def _state_file(mountpoint: str, suffix: str) -> str:
+    key = hashlib.sha1(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    return os.path.join(state_dir(), f"{key}.{suffix}")
+
+
+def _mounted_paths() -> set[str]:
+    paths = set()
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) > 1:
+                paths.add(fields[1].encode().decode("unicode_escape"))
+    return paths
+
+
+def _is_mounted(mountpoint: str) -> bool:
+    return os.path.realpath(mountpoint) in _mounted_paths() or os.path.abspath(mountpoint) in _mounted_paths()
+
+
+def _fusermount() -> str:
+    for name in ("fusermount3", "fusermount"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise UsageError("no fusermount3 on this machine: install FUSE 3 (Debian: apt-get install fuse3)")
+
+
+def preflight(mountpoint: str) -> str:
+    """Check that FUSE is usable and ``mountpoint`` can take a mount.
+
+    Returns
+    -------
+    mountpoint : `str`
+        The absolute path.
+
+    Raises
+    ------
+    UsageError
+        With a one-line reason and what to do about it.
+    """
+    if not os.path.exists("/dev/fuse"):
+        raise UsageError("no /dev/fuse on this machine: load the fuse module (modprobe fuse) or run "
+                         "the container with --device /dev/fuse")
+    _fusermount()
+    path = os.path.abspath(mountpoint)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"mount point {mountpoint} does not exist: create it with mkdir -p {mountpoint}") from None
+    except OSError as err:
+        if err.errno == errno.ENOTCONN:
+            raise UsageError(f"{mountpoint} is a stale mount whose daemon died: "
+                             f"run butlerfs umount {mountpoint}") from None
+        raise UsageError(f"cannot use mount point {mountpoint}: {err.strerror}") from None
+    if not os.path.isdir(path):
+        raise UsageError(f"mount point {mountpoint} is not a directory: give an empty directory")
+    del st
+    if _is_mounted(path):
+        raise UsageError(f"{mountpoint} is already a mount point: unmount it first (butlerfs umount {mountpoint})")
+    if os.listdir(path):
+        raise UsageError(f"mount point {mountpoint} is not empty: give an empty directory")
+    return path
+
+
+def _tune_read_ahead(st_dev: int, kb: int) -> None:
+    """Raise the mount's kernel read-ahead; FUSE can only lower it from its side."""
+    sysfs = f"/sys/class/bdi/{os.major(st_dev)}:{os.minor(st_dev)}/read_ahead_kb"
+    try:
+        with open(sysfs, "w") as stream:
+            stream.write(str(kb))
+        _LOG.debug("Set %s to %d", sysfs, kb)
+    except OSError as err:  # not root, or sysfs read-only: a slower mount still works
+        _LOG.info("Could not raise read-ahead (%s); sequential reads will be slower", err)
+
+
+def serve(options: MountOptions, on_mounted: Callable[[], None] | None = None) -> None:
+    """Open the repository and serve the mount in this process until unmounted.
+
+    Parameters
+    ----------
+    options : `MountOptions`
+        What to mount where.
+    on_mounted : callable, optional
+        Called (from another thread) once the mount is usable.
+    """
+    from .fuse_ops import run_fuse
+    from .registry import RepoIndex
+    from .source import ButlerSource
+
+    index = RepoIndex(options.repo, options.collections, options.dataset_types, options.where)
+    source = ButlerSource(index, refresh=options.refresh, subtree_limit=options.subtree_limit)
+
+    def after_mount() -> None:
+        # The kernel answers a stat of the mount point only after init returns; a
+        # failed stat means libfuse gave up after init, and serve() reports that.
+        try:
+            st_dev = os.stat(options.mountpoint).st_dev
+        except OSError as err:
+            _LOG.error("Mount point %s unusable after mounting: %s", options.mountpoint, err)
+            return
+        if os.geteuid() == 0 and options.read_ahead_kb:
+            _tune_read_ahead(st_dev, options.read_ahead_kb)
+        _LOG.info("Mounted %s at %s", options.repo, options.mountpoint)
+        if on_mounted is not None:
+            on_mounted()
+
+    def on_ready() -> None:
+        threading.Thread(target=after_mount, name="butlerfs-ready", daemon=True).start()
+
+    try:
+        run_fuse(source, options.mountpoint, on_ready=on_ready, threads=options.threads,
+                 allow_other=options.allow_other)
+    except RuntimeError as err:
+        raise UsageError(f"could not mount {options.mountpoint} (libfuse error {err}): "
+                         "see the log for libfuse's message") from None
+
+
+def _read_ready_line(fd: int, process: subprocess.Popen[bytes], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    data = b""
+    os.set_blocking(fd, False)
+    while b"\n" not in data:
+        if time.monotonic() > deadline:
+            process.kill()
+            return "error the mount daemon did not report within {:.0f} s".format(timeout)
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            time.sleep(0.02)
+            continue
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def spawn(options: MountOptions, timeout: float = 300.0) -> int:
+    """Start a daemon serving ``options`` and wait until it has mounted.
+
+    Returns
+    -------
+    pid : `int`
+        The daemon's process ID.
+
+    Raises
+    ------
+    UsageError
+        If the daemon reports an error or dies; nothing is left mounted.
+    """
+    options.mountpoint = preflight(options.mountpoint)
+    if os.path.exists(options.repo):
+        options.repo = os.path.abspath(options.repo)
+    log_file = options.log_file or _state_file(options.mountpoint, "log")
+    options.log_file = log_file
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ, **{READY_FD_ENV: str(write_fd)})
+    with open(log_file, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "butlerfs.daemon", options.to_json()],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,),
+            env=env, start_new_session=True, cwd="/",
+        )
+    os.close(write_fd)
+    try:
+        line = _read_ready_line(read_fd, process, timeout)
+    finally:
+        os.close(read_fd)
+    if line == "ok":
+        with open(_state_file(options.mountpoint, "pid"), "w") as stream:
+            stream.write(str(process.pid))
+        return process.pid
+    with contextlib.suppress(ProcessLookupError):
+        process.wait(timeout=10)
+    if _is_mounted(options.mountpoint):
+        unmount(options.mountpoint)
+    if line.startswith("error "):
+        raise UsageError(line[len("error ") :])
+    raise UsageError(f"the mount daemon exited with status {process.returncode}: see {log_file}")
+
+
+def unmount(mountpoint: str, timeout: float = 30.0) -> None:
+    """Unmount ``mountpoint``, also when its daemon died, and wait for the daemon to exit.
+
+    Raises
+    ------
+    UsageError
+        If ``mountpoint`` is not mounted or stays busy.
+    """
+    path = os.path.abspath(mountpoint)
+    fusermount = _fusermount()
+    if not _is_mounted(path):
+        raise UsageError(f"{mountpoint} is not mounted")
+    result = subprocess.run([fusermount, "-u", path], capture_output=True, text=True)
+    if result.returncode != 0:
+        message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "unknown error"
+        if "not connected" in message or "Transport endpoint" in message:
+            subprocess.run([fusermount, "-uz", path], capture_output=True, text=True)
+        else:
+            raise UsageError(f"cannot unmount {mountpoint}: {message} (is a process still using it? see fuser -vm)")
+    _wait_for_daemon(path, timeout)
+
+
+def _wait_for_daemon(mountpoint: str, timeout: float) -> None:
+    pid_file = _state_file(mountpoint, "pid")
+    try:
+        with open(pid_file) as stream:
+            pid = int(stream.read().strip())
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        _LOG.warning("Daemon %d did not exit after unmount; terminating it", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(pid_file)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mount:
+    """A live background mount, as `mount` yields it."""
+
+    mountpoint: str
+    pid: int
+
+    def path(self, *parts: str) -> str:
+        """Return a path inside the mount."""
+        return os.path.join(self.mountpoint, *parts)
+
+
+@contextlib.contextmanager
+def mount(
+    repo: str,
+    mountpoint: str,
+    collections: Sequence[str],
+    dataset_types: Sequence[str] = (),
+    where: str = "",
+    **kwargs: object,
+) -> Iterator[Mount]:
+    """Mount a repository in the background for the duration of a ``with`` block.
+
+    Parameters
+    ----------
+    repo : `str`
+        Repository path or URI.
+    mountpoint : `str`
+        An empty directory.
+    collections : `~collections.abc.Sequence` [`str`]
+        Collection search path.
+    dataset_types : `~collections.abc.Sequence` [`str`], optional
+        Names or glob patterns of the dataset types to show.
+    where : `str`, optional
+        Query expression constraining the datasets shown.
+    **kwargs
+        Other `MountOptions` fields (``refresh``, ``subtree_limit``, ...).
+
+    Yields
+    ------
+    mount : `Mount`
+        The live mount; unmounted when the block exits.
+    """
+    options = MountOptions(repo, mountpoint, list(collections), list(dataset_types), where, **kwargs)  # type: ignore[arg-type]
+    pid = spawn(options)
+    try:
+        yield Mount(options.mountpoint, pid)
+    finally:
+        unmount(options.mountpoint)

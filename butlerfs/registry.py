@@ -1,0 +1,312 @@
+"""Everything butlerfs asks of a Butler: the one module that imports `lsst.daf.butler`.
+
+The filesystem needs four answers: which dataset types to show, how many datasets
+lie under a partial data ID, the distinct values of the next dimension, and the
+datasets (with their datastore records) under a partial data ID. No call here reads
+an artifact or imports a formatter, so repositories whose storage classes need afw
+(``ExposureF``) are served without it.
+
+A Butler is not thread-safe, so every query runs under one lock; FUSE reads never
+come here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import fnmatch
+import logging
+import threading
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from lsst.daf.butler import Butler, CollectionType, DatasetType
+from lsst.daf.butler.registry import MissingCollectionError
+
+from .errors import UsageError
+from .layout import DataIdValue
+
+__all__ = ["Artifact", "DatasetEntry", "DatasetTypeInfo", "RepoIndex"]
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Artifact:
+    """One file of a dataset as the datastore records it."""
+
+    uri: str
+    """Full URI, with a ``#zip-path=`` fragment for zip members."""
+    size: int
+    """Size in bytes from the datastore record; -1 if the record has none."""
+    component: str | None
+    """Component name for a disassembled composite."""
+    checksum: str | None
+    formatter: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DatasetEntry:
+    """A dataset found by a query, with its artifacts."""
+
+    id: uuid.UUID
+    dataset_type: str
+    run: str
+    data_id: tuple[tuple[str, DataIdValue], ...]
+    """Required dimensions and their values, in dimension-universe order."""
+    ingest_date: float
+    """POSIX timestamp of ingest."""
+    artifacts: tuple[Artifact, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DatasetTypeInfo:
+    """What the layout needs of a dataset type."""
+
+    name: str
+    dimensions: tuple[str, ...]
+    """Required dimensions in universe order: one directory level each."""
+    int_dimensions: frozenset[str]
+    """Dimensions whose values are integers."""
+    storage_class: str
+    is_calibration: bool
+
+
+class _IdRef:
+    """The minimal `DatasetIdRef` that `export_records` needs."""
+
+    __slots__ = ("id",)
+
+    def __init__(self, id: uuid.UUID) -> None:
+        self.id = id
+
+
+def _as_timestamp(value: Any) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.UTC)
+        return value.timestamp()
+    unix = getattr(value, "unix", None)  # astropy Time, in TAI for ingest dates
+    return float(unix if unix is not None else value)
+
+
+class RepoIndex:
+    """Read-only queries of one repository, collection search path and constraint.
+
+    Parameters
+    ----------
+    repo : `str`
+        Repository path, URI or label, as ``butler`` commands take it.
+    collections : `~collections.abc.Sequence` [`str`]
+        The collection search path; searched find-first, CHAINED collections included.
+    dataset_types : `~collections.abc.Sequence` [`str`], optional
+        Names or glob patterns; by default every type with datasets in ``collections``.
+    where : `str`, optional
+        A Butler query expression constraining every listing.
+
+    Raises
+    ------
+    UsageError
+        Raised for a missing repository, unknown collection or dataset type, or a bad
+        ``where``: the message says what to fix.
+    """
+
+    def __init__(
+        self,
+        repo: str,
+        collections: Sequence[str],
+        dataset_types: Sequence[str] = (),
+        where: str = "",
+    ) -> None:
+        self.repo = repo
+        self.where = where
+        self._lock = threading.Lock()
+        self._butler = _open_butler(repo)
+        self.collections = _check_collections(self._butler, collections)
+        self._types = _select_dataset_types(self._butler, self.collections, dataset_types)
+        self._calibration_collections = self._find_calibration_collections()
+        self._factories = _location_factories(self._butler)
+        if where:
+            self._check_where()
+
+    @property
+    def dataset_types(self) -> Mapping[str, DatasetTypeInfo]:
+        """The dataset types shown at the top of the mount, by name."""
+        return self._types
+
+    def datastore_roots(self) -> list[str]:
+        """Return the root URI of each file datastore."""
+        return [str(store.root) for store in _file_datastores(self._butler)]
+
+    def count(self, dataset_type: str, fixed: Mapping[str, DataIdValue]) -> int:
+        """Return about how many datasets lie under a partial data ID.
+
+        An upper bound is good enough: it only decides whether a directory's
+        whole subtree is fetched at once.
+        """
+        with self._lock, self._butler.query() as query:
+            query = query.join_dataset_search(dataset_type, self.collections)
+            info = self._types[dataset_type]
+            return query.data_ids(info.dimensions).where(fixed, self.where).count(exact=False)
+
+    def distinct(self, dataset_type: str, fixed: Mapping[str, DataIdValue], dimension: str) -> list[DataIdValue]:
+        """Return the sorted values of ``dimension`` among the datasets under ``fixed``."""
+        with self._lock, self._butler.query() as query:
+            query = query.join_dataset_search(dataset_type, self.collections)
+            rows = query.data_ids([*fixed, dimension]).where(fixed, self.where)
+            return sorted({row[dimension] for row in rows})  # type: ignore[type-var]
+
+    def datasets(self, dataset_type: str, fixed: Mapping[str, DataIdValue]) -> list[DatasetEntry]:
+        """Return the datasets under a partial data ID, with their artifacts.
+
+        For a calibration type searched through CALIBRATION collections every
+        certified dataset is returned (one data ID may then have several).
+        """
+        info = self._types[dataset_type]
+        find_first = not (info.is_calibration and self._calibration_collections)
+        fields = {"dataset_id", "run", "ingest_date"}
+        with self._lock, self._butler.query() as query:
+            query = query.join_dataset_search(dataset_type, self.collections)
+            results = query.general(
+                info.dimensions, dataset_fields={dataset_type: fields}, find_first=find_first
+            ).where(fixed, self.where)
+            rows = list(results)
+            ids = [row[f"{dataset_type}.dataset_id"] for row in rows]
+            artifacts = self._artifacts(ids)
+        seen: set[uuid.UUID] = set()
+        entries = []
+        for row, dataset_id in zip(rows, ids, strict=True):
+            if dataset_id in seen:  # a dataset certified for several validity ranges
+                continue
+            seen.add(dataset_id)
+            entries.append(
+                DatasetEntry(
+                    id=dataset_id,
+                    dataset_type=dataset_type,
+                    run=row[f"{dataset_type}.run"],
+                    data_id=tuple((dim, row[dim]) for dim in info.dimensions),
+                    ingest_date=_as_timestamp(row[f"{dataset_type}.ingest_date"]),
+                    artifacts=artifacts.get(dataset_id, ()),
+                )
+            )
+        return entries
+
+    def _artifacts(self, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, tuple[Artifact, ...]]:
+        found: dict[uuid.UUID, list[Artifact]] = {}
+        exported = self._butler._datastore.export_records([_IdRef(i) for i in ids])
+        for datastore_name, record_data in exported.items():
+            factory = self._factories.get(datastore_name)
+            if factory is None:
+                continue
+            for dataset_id, tables in record_data.records.items():
+                for infos in tables.values():
+                    for info in infos:
+                        location = info.file_location(factory)  # type: ignore[attr-defined]
+                        found.setdefault(dataset_id, []).append(
+                            Artifact(
+                                uri=str(location.uri),
+                                size=int(info.file_size),  # type: ignore[attr-defined]
+                                component=info.component,  # type: ignore[attr-defined]
+                                checksum=info.checksum,  # type: ignore[attr-defined]
+                                formatter=str(info.formatter),  # type: ignore[attr-defined]
+                            )
+                        )
+        return {k: tuple(sorted(v, key=lambda a: a.component or "")) for k, v in found.items()}
+
+    def _find_calibration_collections(self) -> list[str]:
+        infos = self._butler.collections.query_info(self.collections, flatten_chains=True)
+        return [i.name for i in infos if i.type == CollectionType.CALIBRATION]
+
+    def _check_where(self) -> None:
+        name = next(iter(self._types), None)
+        if name is None:
+            return
+        try:
+            with self._butler.query() as query:
+                query = query.join_dataset_search(name, self.collections)
+                query.data_ids(self._types[name].dimensions).where(self.where).limit(1).any(execute=True)
+        except Exception as err:  # the query system raises several unrelated types for bad syntax
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UsageError(f"invalid --where expression {self.where!r}: {message}") from None
+
+    def close(self) -> None:
+        """Release the Butler's database connections."""
+        self._butler.close()
+
+
+def _open_butler(repo: str) -> Butler:
+    try:
+        return Butler.from_config(repo, writeable=False)
+    except (FileNotFoundError, RuntimeError, ValueError, KeyError) as err:
+        first = str(err).split(" (given", 1)[0]
+        raise UsageError(
+            f"{repo} is not a Butler repository ({first}): give the directory holding butler.yaml"
+        ) from None
+
+
+def _check_collections(butler: Butler, collections: Sequence[str]) -> tuple[str, ...]:
+    if not collections:
+        chains = sorted(
+            info.name for info in butler.collections.query_info("*") if info.type == CollectionType.CHAINED
+        )
+        hint = f" (chained collections here: {', '.join(chains[:5])})" if chains else ""
+        raise UsageError(f"no collections given: pass --collections{hint}")
+    for name in collections:
+        if any(ch in name for ch in "*?["):
+            raise UsageError(f"collection {name!r} is a pattern; the mount searches collections in order, "
+                             "so name each one (see `butler query-collections`)")
+        try:
+            butler.collections.get_info(name)
+        except MissingCollectionError:
+            raise UsageError(
+                f"unknown collection {name!r}: list them with `butler query-collections {butler._config.configDir}`"
+            ) from None
+    return tuple(collections)
+
+
+def _select_dataset_types(
+    butler: Butler, collections: Sequence[str], patterns: Sequence[str]
+) -> dict[str, DatasetTypeInfo]:
+    registered = {dt.name: dt for dt in butler.registry.queryDatasetTypes("*") if not dt.isComponent()}
+    if patterns:
+        chosen: set[str] = set()
+        for pattern in patterns:
+            matches = fnmatch.filter(registered, pattern)
+            if not matches:
+                raise UsageError(
+                    f"unknown dataset type {pattern!r}: list them with `butler query-dataset-types`"
+                )
+            chosen.update(matches)
+    else:
+        chosen = set()
+        for info in butler.collections.query_info(collections, include_summary=True, flatten_chains=True):
+            chosen.update(info.dataset_types)
+        chosen &= set(registered)
+    return {name: _type_info(registered[name]) for name in sorted(chosen)}
+
+
+def _type_info(dataset_type: DatasetType) -> DatasetTypeInfo:
+    dims = dataset_type.dimensions
+    universe = dims.universe
+    ints = frozenset(
+        name for name in dims.required if universe[name].primaryKey.getPythonType() is int  # type: ignore[union-attr]
+    )
+    return DatasetTypeInfo(
+        name=dataset_type.name,
+        dimensions=tuple(dims.required),
+        int_dimensions=ints,
+        storage_class=dataset_type.storageClass_name,
+        is_calibration=dataset_type.isCalibration(),
+    )
+
+
+def _file_datastores(butler: Butler) -> list[Any]:
+    datastore = butler._datastore
+    return [s for s in getattr(datastore, "datastores", [datastore]) if hasattr(s, "locationFactory")]
+
+
+def _location_factories(butler: Butler) -> dict[str, Any]:
+    return {store.name: store.locationFactory for store in _file_datastores(butler)}
