@@ -59,7 +59,7 @@ where_option = click.option(
 
 @click.command("mount")
 @click.argument("repo")
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint")
 @collections_option
 @dataset_type_option
 @where_option
@@ -111,7 +111,7 @@ def mount_command(
 
 
 @click.command("umount")
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint")
 @_user_errors
 def umount_command(mountpoint: str) -> None:
     """Unmount a butlerfs MOUNTPOINT, also one whose daemon died."""

@@ -26,6 +26,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+import psutil
+
 from .errors import UsageError
 
 __all__ = ["Mount", "MountOptions", "mount", "preflight", "serve", "spawn", "unmount"]
@@ -273,6 +275,15 @@ def unmount(mountpoint: str, timeout: float = 30.0) -> None:
     _wait_for_daemon(path, timeout)
 
 
+def _daemon_alive(pid: int) -> bool:
+    """Whether ``pid`` is still a running butlerfs daemon (not exited, reaped or a zombie)."""
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and "butlerfs.daemon" in " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
 def _wait_for_daemon(mountpoint: str, timeout: float) -> None:
     pid_file = _state_file(mountpoint, "pid")
     try:
@@ -281,16 +292,13 @@ def _wait_for_daemon(mountpoint: str, timeout: float) -> None:
     except (OSError, ValueError):
         return
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+    while _daemon_alive(pid):
+        if time.monotonic() > deadline:
+            _LOG.warning("Daemon %d did not exit after unmount; terminating it", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
             break
         time.sleep(0.05)
-    else:
-        _LOG.warning("Daemon %d did not exit after unmount; terminating it", pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
     with contextlib.suppress(FileNotFoundError):
         os.remove(pid_file)
 
@@ -344,3 +352,5 @@ def mount(
         yield Mount(options.mountpoint, pid)
     finally:
         unmount(options.mountpoint)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)  # reap our child: a zombie would look alive
