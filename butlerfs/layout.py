@@ -12,11 +12,12 @@ This module knows nothing of the Butler: it works on names and values only.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 __all__ = [
     "DataIdValue",
     "decode_value",
+    "dataset_path",
     "dimension_dir",
     "encode_value",
     "file_name",
@@ -155,3 +156,33 @@ def _safe_extension(extension: str) -> str:
     if not extension:
         return ""
     return "." + encode_value(extension.lstrip("."))
+
+
+def dataset_path(
+    dataset_type: str,
+    data_id: Iterable[tuple[str, DataIdValue]],
+    extension: str,
+    component: str | None = None,
+) -> str:
+    """Return the path of an artifact relative to the mount point.
+
+    Parameters
+    ----------
+    dataset_type : `str`
+        The dataset type name.
+    data_id : `~collections.abc.Iterable` [`tuple` [`str`, `int` or `str`]]
+        Required dimensions and values, in dimension-universe order.
+    extension : `str`
+        The artifact's extension including its dot, or empty.
+    component : `str`, optional
+        The component of a disassembled composite.
+
+    Returns
+    -------
+    path : `str`
+        E.g. ``calexp/instrument_LSSTCam-imSim/detector_42/visit_733724/calexp_LSSTCam-imSim_42_733724.fits``.
+    """
+    items = list(data_id)
+    dirs = [dimension_dir(dim, value) for dim, value in items]
+    name = file_name(dataset_type, [value for _, value in items], extension, component)
+    return "/".join([encode_value(dataset_type), *dirs, name])
