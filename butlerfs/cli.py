@@ -44,16 +44,28 @@ def _configure_logging(level: str) -> None:
 
 
 collections_option = click.option(
-    "--collections", "-c", multiple=True, callback=_split_commas, metavar="COLL",
+    "--collections",
+    "-c",
+    multiple=True,
+    callback=_split_commas,
+    metavar="COLL",
     help="Collections to search, in order (find-first; CHAINED collections work). Repeat or comma-separate.",
 )
 dataset_type_option = click.option(
-    "--dataset-type", "-t", "dataset_types", multiple=True, callback=_split_commas, metavar="TYPE",
+    "--dataset-type",
+    "-t",
+    "dataset_types",
+    multiple=True,
+    callback=_split_commas,
+    metavar="TYPE",
     help="Dataset types to show (names or glob patterns). Default: every type in the collections.",
 )
 where_option = click.option(
-    "--where", "-w", default="", metavar="EXPR",
-    help="Butler query expression constraining the datasets shown, e.g. \"visit = 733724\".",
+    "--where",
+    "-w",
+    default="",
+    metavar="EXPR",
+    help='Butler query expression constraining the datasets shown, e.g. "visit = 733724".',
 )
 
 
@@ -63,17 +75,35 @@ where_option = click.option(
 @collections_option
 @dataset_type_option
 @where_option
-@click.option("--refresh", default=60.0, show_default=True, type=click.FloatRange(min=0),
-              help="Seconds a directory listing is trusted before the registry is asked again.")
-@click.option("--subtree-limit", default=20_000, show_default=True, type=click.IntRange(min=0),
-              help="Fetch a directory's whole subtree in one query when it holds at most this many datasets.")
+@click.option(
+    "--refresh",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds a directory listing is trusted before the registry is asked again.",
+)
+@click.option(
+    "--subtree-limit",
+    default=20_000,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Fetch a directory's whole subtree in one query when it holds at most this many datasets.",
+)
 @click.option("--foreground", "-f", is_flag=True, help="Serve in this process until unmounted (Ctrl-C).")
 @click.option("--allow-other", is_flag=True, help="Let other users read the mount.")
 @click.option("--single-thread", is_flag=True, help="Serve FUSE requests on one thread (for debugging).")
-@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
-              help="Daemon log (default: under $XDG_RUNTIME_DIR or /tmp).")
-@click.option("--log-level", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Daemon log (default: under $XDG_RUNTIME_DIR or /tmp).",
+)
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
 @_user_errors
 def mount_command(
     repo: str,
@@ -97,9 +127,17 @@ def mount_command(
     from .mounting import MountOptions, preflight, serve, spawn
 
     options = MountOptions(
-        repo=repo, mountpoint=mountpoint, collections=collections, dataset_types=dataset_types,
-        where=where, refresh=refresh, subtree_limit=subtree_limit, threads=not single_thread,
-        allow_other=allow_other, log_file=log_file, log_level=log_level.upper(),
+        repo=repo,
+        mountpoint=mountpoint,
+        collections=collections,
+        dataset_types=dataset_types,
+        where=where,
+        refresh=refresh,
+        subtree_limit=subtree_limit,
+        threads=not single_thread,
+        allow_other=allow_other,
+        log_file=log_file,
+        log_level=log_level.upper(),
     )
     if foreground:
         _configure_logging(log_level)
@@ -124,8 +162,13 @@ def umount_command(mountpoint: str) -> None:
 @click.argument("root", type=click.Path(file_okay=False))
 @click.option("--visits", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--detectors", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--image-size", default=512, show_default=True, type=click.IntRange(min=64),
-              help="Pixels on a side of each calexp.")
+@click.option(
+    "--image-size",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=64),
+    help="Pixels on a side of each calexp.",
+)
 @click.option("--datastore-root", default=None, help="Datastore root URI (default: inside ROOT).")
 @click.option("--force", is_flag=True, help="Replace ROOT if it exists.")
 @_user_errors
@@ -137,8 +180,12 @@ def demo_repo_command(
 
     try:
         summary = make_demo_repo(
-            root, visits=visits, detectors=detectors, image_size=image_size,
-            datastore_root=datastore_root, force=force,
+            root,
+            visits=visits,
+            detectors=detectors,
+            image_size=image_size,
+            datastore_root=datastore_root,
+            force=force,
         )
     except FileExistsError as err:
         raise UsageError(f"{root} exists and is not empty: pass --force to replace it ({err})") from None
@@ -150,9 +197,13 @@ def demo_repo_command(
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="butlerfs")
-@click.option("--log-level", default="WARNING", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-              help="Logging level of this command (the daemon has its own, see mount --log-level).")
+@click.option(
+    "--log-level",
+    default="WARNING",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="Logging level of this command (the daemon has its own, see mount --log-level).",
+)
 def main(log_level: str) -> None:
     """butlerfs: a read-only POSIX view of a Rubin Butler repository."""
     _configure_logging(log_level)

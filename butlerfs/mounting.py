@@ -114,24 +114,31 @@ def preflight(mountpoint: str) -> str:
         With a one-line reason and what to do about it.
     """
     if not os.path.exists("/dev/fuse"):
-        raise UsageError("no /dev/fuse on this machine: load the fuse module (modprobe fuse) or run "
-                         "the container with --device /dev/fuse")
+        raise UsageError(
+            "no /dev/fuse on this machine: load the fuse module (modprobe fuse) or run "
+            "the container with --device /dev/fuse"
+        )
     _fusermount()
     path = os.path.abspath(mountpoint)
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise UsageError(f"mount point {mountpoint} does not exist: create it with mkdir -p {mountpoint}") from None
+        raise UsageError(
+            f"mount point {mountpoint} does not exist: create it with mkdir -p {mountpoint}"
+        ) from None
     except OSError as err:
         if err.errno == errno.ENOTCONN:
-            raise UsageError(f"{mountpoint} is a stale mount whose daemon died: "
-                             f"run butlerfs umount {mountpoint}") from None
+            raise UsageError(
+                f"{mountpoint} is a stale mount whose daemon died: run butlerfs umount {mountpoint}"
+            ) from None
         raise UsageError(f"cannot use mount point {mountpoint}: {err.strerror}") from None
     if not os.path.isdir(path):
         raise UsageError(f"mount point {mountpoint} is not a directory: give an empty directory")
     del st
     if _is_mounted(path):
-        raise UsageError(f"{mountpoint} is already a mount point: unmount it first (butlerfs umount {mountpoint})")
+        raise UsageError(
+            f"{mountpoint} is already a mount point: unmount it first (butlerfs umount {mountpoint})"
+        )
     if os.listdir(path):
         raise UsageError(f"mount point {mountpoint} is not empty: give an empty directory")
     return path
@@ -183,11 +190,17 @@ def serve(options: MountOptions, on_mounted: Callable[[], None] | None = None) -
         threading.Thread(target=after_mount, name="butlerfs-ready", daemon=True).start()
 
     try:
-        run_fuse(source, options.mountpoint, on_ready=on_ready, threads=options.threads,
-                 allow_other=options.allow_other)
+        run_fuse(
+            source,
+            options.mountpoint,
+            on_ready=on_ready,
+            threads=options.threads,
+            allow_other=options.allow_other,
+        )
     except RuntimeError as err:
-        raise UsageError(f"could not mount {options.mountpoint} (libfuse error {err}): "
-                         "see the log for libfuse's message") from None
+        raise UsageError(
+            f"could not mount {options.mountpoint} (libfuse error {err}): see the log for libfuse's message"
+        ) from None
 
 
 def _read_ready_line(fd: int, process: subprocess.Popen[bytes], timeout: float) -> str:
@@ -197,7 +210,7 @@ def _read_ready_line(fd: int, process: subprocess.Popen[bytes], timeout: float) 
     while b"\n" not in data:
         if time.monotonic() > deadline:
             process.kill()
-            return "error the mount daemon did not report within {:.0f} s".format(timeout)
+            return f"error the mount daemon did not report within {timeout:.0f} s"
         try:
             chunk = os.read(fd, 4096)
         except BlockingIOError:
@@ -232,8 +245,13 @@ def spawn(options: MountOptions, timeout: float = 300.0) -> int:
     with open(log_file, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "butlerfs.daemon", options.to_json()],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,),
-            env=env, start_new_session=True, cwd="/",
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=(write_fd,),
+            env=env,
+            start_new_session=True,
+            cwd="/",
         )
     os.close(write_fd)
     try:
@@ -271,7 +289,9 @@ def unmount(mountpoint: str, timeout: float = 30.0) -> None:
         if "not connected" in message or "Transport endpoint" in message:
             subprocess.run([fusermount, "-uz", path], capture_output=True, text=True)
         else:
-            raise UsageError(f"cannot unmount {mountpoint}: {message} (is a process still using it? see fuser -vm)")
+            raise UsageError(
+                f"cannot unmount {mountpoint}: {message} (is a process still using it? see fuser -vm)"
+            )
     _wait_for_daemon(path, timeout)
 
 

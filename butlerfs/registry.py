@@ -22,7 +22,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from lsst.daf.butler import Butler, CollectionType, DatasetType
+from lsst.daf.butler.datastore.stored_file_info import StoredFileInfo
 from lsst.daf.butler.registry import MissingCollectionError
+from lsst.daf.butler.registry.interfaces import FakeDatasetRef
 
 from .errors import UsageError
 from .layout import DataIdValue
@@ -73,15 +75,6 @@ class DatasetTypeInfo:
     is_calibration: bool
 
 
-class _IdRef:
-    """The minimal `DatasetIdRef` that `export_records` needs."""
-
-    __slots__ = ("id",)
-
-    def __init__(self, id: uuid.UUID) -> None:
-        self.id = id
-
-
 def _as_timestamp(value: Any) -> float:
     if value is None:
         return 0.0
@@ -125,7 +118,7 @@ class RepoIndex:
         self.where = where
         self._lock = threading.Lock()
         self._butler = _open_butler(repo)
-        self.collections = _check_collections(self._butler, collections)
+        self.collections = _check_collections(self._butler, repo, collections)
         self._types = _select_dataset_types(self._butler, self.collections, dataset_types)
         self._calibration_collections = self._find_calibration_collections()
         self._factories = _location_factories(self._butler)
@@ -152,12 +145,14 @@ class RepoIndex:
             info = self._types[dataset_type]
             return query.data_ids(info.dimensions).where(fixed, self.where).count(exact=False)
 
-    def distinct(self, dataset_type: str, fixed: Mapping[str, DataIdValue], dimension: str) -> list[DataIdValue]:
+    def distinct(
+        self, dataset_type: str, fixed: Mapping[str, DataIdValue], dimension: str
+    ) -> list[DataIdValue]:
         """Return the sorted values of ``dimension`` among the datasets under ``fixed``."""
         with self._lock, self._butler.query() as query:
             query = query.join_dataset_search(dataset_type, self.collections)
             rows = query.data_ids([*fixed, dimension]).where(fixed, self.where)
-            return sorted({row[dimension] for row in rows})  # type: ignore[type-var]
+            return sorted({row[dimension] for row in rows})
 
     def datasets(self, dataset_type: str, fixed: Mapping[str, DataIdValue]) -> list[DatasetEntry]:
         """Return the datasets under a partial data ID, with their artifacts.
@@ -167,7 +162,7 @@ class RepoIndex:
         """
         info = self._types[dataset_type]
         find_first = not (info.is_calibration and self._calibration_collections)
-        fields = {"dataset_id", "run", "ingest_date"}
+        fields: Any = {"dataset_id", "run", "ingest_date"}
         with self._lock, self._butler.query() as query:
             query = query.join_dataset_search(dataset_type, self.collections)
             results = query.general(
@@ -196,7 +191,7 @@ class RepoIndex:
 
     def _artifacts(self, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, tuple[Artifact, ...]]:
         found: dict[uuid.UUID, list[Artifact]] = {}
-        exported = self._butler._datastore.export_records([_IdRef(i) for i in ids])
+        exported = self._butler._datastore.export_records([FakeDatasetRef(i) for i in ids])
         for datastore_name, record_data in exported.items():
             factory = self._factories.get(datastore_name)
             if factory is None:
@@ -204,14 +199,16 @@ class RepoIndex:
             for dataset_id, tables in record_data.records.items():
                 for infos in tables.values():
                     for info in infos:
-                        location = info.file_location(factory)  # type: ignore[attr-defined]
+                        if not isinstance(info, StoredFileInfo):
+                            continue
+                        location = info.file_location(factory)
                         found.setdefault(dataset_id, []).append(
                             Artifact(
                                 uri=str(location.uri),
-                                size=int(info.file_size),  # type: ignore[attr-defined]
-                                component=info.component,  # type: ignore[attr-defined]
-                                checksum=info.checksum,  # type: ignore[attr-defined]
-                                formatter=str(info.formatter),  # type: ignore[attr-defined]
+                                size=int(info.file_size),
+                                component=info.component,
+                                checksum=info.checksum,
+                                formatter=str(info.formatter),
                             )
                         )
         return {k: tuple(sorted(v, key=lambda a: a.component or "")) for k, v in found.items()}
@@ -247,7 +244,7 @@ def _open_butler(repo: str) -> Butler:
         ) from None
 
 
-def _check_collections(butler: Butler, collections: Sequence[str]) -> tuple[str, ...]:
+def _check_collections(butler: Butler, repo: str, collections: Sequence[str]) -> tuple[str, ...]:
     if not collections:
         chains = sorted(
             info.name for info in butler.collections.query_info("*") if info.type == CollectionType.CHAINED
@@ -256,13 +253,15 @@ def _check_collections(butler: Butler, collections: Sequence[str]) -> tuple[str,
         raise UsageError(f"no collections given: pass --collections{hint}")
     for name in collections:
         if any(ch in name for ch in "*?["):
-            raise UsageError(f"collection {name!r} is a pattern; the mount searches collections in order, "
-                             "so name each one (see `butler query-collections`)")
+            raise UsageError(
+                f"collection {name!r} is a pattern; the mount searches collections in order, "
+                "so name each one (see `butler query-collections`)"
+            )
         try:
             butler.collections.get_info(name)
         except MissingCollectionError:
             raise UsageError(
-                f"unknown collection {name!r}: list them with `butler query-collections {butler._config.configDir}`"
+                f"unknown collection {name!r}: list them with `butler query-collections {repo}`"
             ) from None
     return tuple(collections)
 
@@ -283,7 +282,7 @@ def _select_dataset_types(
     else:
         chosen = set()
         for info in butler.collections.query_info(collections, include_summary=True, flatten_chains=True):
-            chosen.update(info.dataset_types)
+            chosen.update(info.dataset_types or ())
         chosen &= set(registered)
     return {name: _type_info(registered[name]) for name in sorted(chosen)}
 
@@ -292,7 +291,7 @@ def _type_info(dataset_type: DatasetType) -> DatasetTypeInfo:
     dims = dataset_type.dimensions
     universe = dims.universe
     ints = frozenset(
-        name for name in dims.required if universe[name].primaryKey.getPythonType() is int  # type: ignore[union-attr]
+        name for name in dims.required if universe.dimensions[name].primaryKey.getPythonType() is int
     )
     return DatasetTypeInfo(
         name=dataset_type.name,

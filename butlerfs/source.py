@@ -176,7 +176,9 @@ class ButlerSource:
             for value in self._index.distinct(info.name, fixed, dimension):
                 name = dimension_dir(dimension, value)
                 kept = old.get(name)
-                children[name] = kept if kept is not None else Directory(info, (*node.fixed, (dimension, value)))
+                children[name] = (
+                    kept if kept is not None else Directory(info, (*node.fixed, (dimension, value)))
+                )
             node.children = children
             node.loaded_at = self._clock()
             what = f"{len(children)} {dimension} values"
@@ -316,7 +318,9 @@ def _split(path: str) -> Iterator[str]:
     return (part for part in path.split("/") if part)
 
 
-def _files_of(entry: DatasetEntry, info: DatasetTypeInfo, *, disambiguate: bool) -> Iterator[tuple[str, File]]:
+def _files_of(
+    entry: DatasetEntry, info: DatasetTypeInfo, *, disambiguate: bool
+) -> Iterator[tuple[str, File]]:
     values = [value for _, value in entry.data_id]
     for artifact in entry.artifacts:
         ext = artifacts.extension_of(artifact.uri)

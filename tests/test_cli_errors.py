@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import DEFAULTS, require_fuse, run_cli
 
 
@@ -39,7 +38,9 @@ def test_repo_missing(mountpoint, fuse_ok, tmp_path):
 def test_not_a_repository(mountpoint, fuse_ok, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    _assert_clean_error(run_cli("mount", str(empty), str(mountpoint), "-c", DEFAULTS), "not a Butler repository")
+    _assert_clean_error(
+        run_cli("mount", str(empty), str(mountpoint), "-c", DEFAULTS), "not a Butler repository"
+    )
 
 
 def test_unknown_collection(demo, mountpoint, fuse_ok):

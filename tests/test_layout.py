@@ -12,8 +12,30 @@ from butlerfs.layout import decode_value, dimension_dir, encode_value, file_name
 SAFE = re.compile(r"^[A-Za-z0-9._-]*$")
 
 TRICKY = [
-    "LSSTCam-imSim", "u_sim_1.4", "SDSSr_65mm~empty", "a b", "x=1,y=2;z", "img[1]", "(a)+b", "$HOME",
-    "*?", "'\"", "/", "..", ".", ".hidden", "-x41", "--x", "é", "日本", "", "\x00", "tab\there", 0, -5, 733724,
+    "LSSTCam-imSim",
+    "u_sim_1.4",
+    "SDSSr_65mm~empty",
+    "a b",
+    "x=1,y=2;z",
+    "img[1]",
+    "(a)+b",
+    "$HOME",
+    "*?",
+    "'\"",
+    "/",
+    "..",
+    ".",
+    ".hidden",
+    "-x41",
+    "--x",
+    "é",
+    "日本",
+    "",
+    "\x00",
+    "tab\there",
+    0,
+    -5,
+    733724,
 ]
 
 
@@ -60,9 +82,16 @@ def test_dimension_dir_round_trip():
 
 
 def test_file_names():
-    assert file_name("calexp", ["LSSTCam-imSim", 42, 733724], ".fits") == "calexp_LSSTCam-imSim_42_733724.fits"
-    assert file_name("flat", ["LSSTCam-imSim", 3, "u_sim_1.4"], ".fits") == "flat_LSSTCam-imSim_3_u_sim_1.4.fits"
-    assert file_name("calexp", ["LSSTCam-imSim", 1, 2], ".fits", "image") == "calexp.image_LSSTCam-imSim_1_2.fits"
+    assert (
+        file_name("calexp", ["LSSTCam-imSim", 42, 733724], ".fits") == "calexp_LSSTCam-imSim_42_733724.fits"
+    )
+    assert (
+        file_name("flat", ["LSSTCam-imSim", 3, "u_sim_1.4"], ".fits") == "flat_LSSTCam-imSim_3_u_sim_1.4.fits"
+    )
+    assert (
+        file_name("calexp", ["LSSTCam-imSim", 1, 2], ".fits", "image")
+        == "calexp.image_LSSTCam-imSim_1_2.fits"
+    )
     assert file_name("camera", [], ".fits") == "camera.fits"
     assert file_name("raw", ["a", 1], ".fits.fz") == "raw_a_1.fits.fz"
 

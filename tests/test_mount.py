@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import DEFAULTS, require_tool
 
 pytestmark = pytest.mark.fuse
@@ -32,7 +31,9 @@ def _calexps(m) -> list[Path]:
 def test_layout_visible_to_find_ls_stat(mounted, demo):
     top = sorted(os.listdir(mounted.mountpoint))
     assert {"calexp", "raw", "bias", "flat"} <= set(top)
-    found = subprocess.run(["find", mounted.mountpoint, "-type", "f"], capture_output=True, text=True, check=True)
+    found = subprocess.run(
+        ["find", mounted.mountpoint, "-type", "f"], capture_output=True, text=True, check=True
+    )
     paths = found.stdout.split()
     assert len(paths) >= demo.dataset_counts["calexp"]
     assert all(all(c.isalnum() or c in "/._-" for c in p) for p in paths), "unsafe characters in a path"
@@ -51,9 +52,20 @@ def test_bytes_equal_retrieve_artifacts(mounted, demo, tmp_path):
     out.mkdir()
     for dataset_type in ("calexp", "raw", "bias"):
         subprocess.run(
-            [str(Path(os.sys.executable).parent / "butler"), "retrieve-artifacts", demo.root, f"{out}/",
-             "--collections", DEFAULTS, "--dataset-type", dataset_type, "--find-first", "--no-preserve-path"],
-            check=True, capture_output=True,
+            [
+                str(Path(os.sys.executable).parent / "butler"),
+                "retrieve-artifacts",
+                demo.root,
+                f"{out}/",
+                "--collections",
+                DEFAULTS,
+                "--dataset-type",
+                dataset_type,
+                "--find-first",
+                "--no-preserve-path",
+            ],
+            check=True,
+            capture_output=True,
         )
     retrieved = sorted(out.glob("*.fits"))
     mounted_files = [p for t in ("calexp", "raw", "bias") for p in _files(Path(mounted.mountpoint, t))]
@@ -80,8 +92,9 @@ def test_copy_out_flat_and_recursive(mounted, tmp_path):
 def test_xattrs(mounted, demo):
     require_tool("getfattr")
     path = _calexps(mounted)[0]
-    out = subprocess.run(["getfattr", "-d", "-m", "user.butler", str(path)], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["getfattr", "-d", "-m", "user.butler", str(path)], capture_output=True, text=True, check=True
+    ).stdout
     for key in ("dataset_id", "dataset_type", "run", "data_id", "uri"):
         assert f"user.butler.{key}=" in out
     data_id = json.loads(os.getxattr(path, "user.butler.data_id"))
@@ -89,7 +102,7 @@ def test_xattrs(mounted, demo):
     assert path.parent.name == f"visit_{data_id['visit']}"
     assert os.getxattr(path, "user.butler.dataset_type") == b"calexp"
     uri = os.getxattr(path, "user.butler.uri").decode()
-    assert uri.startswith("file://") and os.path.getsize(uri[len("file://"):]) == path.stat().st_size
+    assert uri.startswith("file://") and os.path.getsize(uri[len("file://") :]) == path.stat().st_size
 
 
 def test_astropy_fitsverify_and_sextractor_read_mounted_paths(mounted, tmp_path):
@@ -106,9 +119,23 @@ def test_astropy_fitsverify_and_sextractor_read_mounted_paths(mounted, tmp_path)
     params = tmp_path / "sex.param"
     params.write_text("NUMBER\nX_IMAGE\nY_IMAGE\nFLUX_AUTO\n")
     result = subprocess.run(
-        [sex, f"{path}[1]", "-CATALOG_NAME", str(catalog), "-CATALOG_TYPE", "ASCII",
-         "-PARAMETERS_NAME", str(params), "-FILTER", "N", "-CHECKIMAGE_TYPE", "NONE"],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            sex,
+            f"{path}[1]",
+            "-CATALOG_NAME",
+            str(catalog),
+            "-CATALOG_TYPE",
+            "ASCII",
+            "-PARAMETERS_NAME",
+            str(params),
+            "-FILTER",
+            "N",
+            "-CHECKIMAGE_TYPE",
+            "NONE",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     rows = [line for line in catalog.read_text().splitlines() if not line.startswith("#")]
@@ -157,7 +184,9 @@ def test_zip_and_disassembled_datasets_are_readable(mounted, demo):
 
 def test_concurrent_readers_get_the_right_bytes(mounted):
     paths = _files(Path(mounted.mountpoint))[:16]
-    expected = {p: Path(os.getxattr(p, "user.butler.uri").decode().partition("#")[0][len("file://"):]) for p in paths}
+    expected = {
+        p: Path(os.getxattr(p, "user.butler.uri").decode().partition("#")[0][len("file://") :]) for p in paths
+    }
 
     def read(p: Path) -> bool:
         if "#" in os.getxattr(p, "user.butler.uri").decode():
@@ -173,21 +202,23 @@ def test_concurrent_readers_get_the_right_bytes(mounted):
 
 
 def test_dataset_ingested_while_mounted_appears_after_refresh(demo, mountpoint, tmp_path):
-    import butlerfs
+    from conftest import require_fuse
     from lsst.daf.butler import Butler, DatasetType
 
-    from conftest import require_fuse
+    import butlerfs
 
     require_fuse()
     butler = Butler.from_config(demo.root, writeable=True)
     run = "u/test/late"
     butler.collections.register(run)
-    dataset_type = DatasetType("lateArrival", ["instrument", "detector"], "ButlerfsFile",
-                               universe=butler.dimensions)
+    dataset_type = DatasetType(
+        "lateArrival", ["instrument", "detector"], "ButlerfsFile", universe=butler.dimensions
+    )
     butler.registry.registerDatasetType(dataset_type)
     try:
-        with butlerfs.mount(demo.root, str(mountpoint), collections=[run], dataset_types=["lateArrival"],
-                            refresh=1.0) as m:
+        with butlerfs.mount(
+            demo.root, str(mountpoint), collections=[run], dataset_types=["lateArrival"], refresh=1.0
+        ) as m:
             top = Path(m.mountpoint, "lateArrival")
             assert os.listdir(top) == []
             source = tmp_path / "late.txt"

@@ -8,11 +8,11 @@ import json
 import os
 
 import pytest
+from conftest import DEFAULTS
 
 from butlerfs.errors import FsError
 from butlerfs.registry import RepoIndex
 from butlerfs.source import ButlerSource, Directory, File
-from conftest import DEFAULTS
 
 
 class FakeClock:
@@ -61,8 +61,10 @@ def test_every_dataset_appears_once_with_its_record_size(source, demo):
 
 def test_find_first_picks_the_rerun(source, demo):
     s = demo.shadowed
-    path = (f"/calexp/instrument_{s['instrument']}/detector_{s['detector']}/visit_{s['visit']}/"
-            f"calexp_{s['instrument']}_{s['detector']}_{s['visit']}.fits")
+    path = (
+        f"/calexp/instrument_{s['instrument']}/detector_{s['detector']}/visit_{s['visit']}/"
+        f"calexp_{s['instrument']}_{s['detector']}_{s['visit']}.fits"
+    )
     node = source.lookup(path)
     assert isinstance(node, File)
     assert node.dataset.run.endswith("rerun")
@@ -70,7 +72,9 @@ def test_find_first_picks_the_rerun(source, demo):
 
 def test_calibrations_found_through_the_calibration_collection(source, demo):
     for detector in demo.detectors:
-        node = source.lookup(f"/bias/instrument_LSSTCam-imSim/detector_{detector}/bias_LSSTCam-imSim_{detector}.fits")
+        node = source.lookup(
+            f"/bias/instrument_LSSTCam-imSim/detector_{detector}/bias_LSSTCam-imSim_{detector}.fits"
+        )
         assert isinstance(node, File) and "calib" in node.dataset.run
 
 
@@ -121,7 +125,9 @@ def test_new_datasets_appear_after_refresh(demo, tmp_path):
     butler = Butler.from_config(demo.root, writeable=True)
     run = "u/test/refresh"
     butler.collections.register(run)
-    dataset_type = DatasetType("refreshTest", ["instrument", "detector"], "ButlerfsFile", universe=butler.dimensions)
+    dataset_type = DatasetType(
+        "refreshTest", ["instrument", "detector"], "ButlerfsFile", universe=butler.dimensions
+    )
     butler.registry.registerDatasetType(dataset_type)
     clock = FakeClock()
     src = ButlerSource(RepoIndex(demo.root, [run], ["refreshTest"]), refresh=10.0, clock=clock)
@@ -147,7 +153,11 @@ def test_new_datasets_appear_after_refresh(demo, tmp_path):
 
 def test_where_constrains_every_listing(demo):
     visit = demo.visits[0]
-    src = ButlerSource(RepoIndex(demo.root, [DEFAULTS], ["calexp"], where=f"instrument = 'LSSTCam-imSim' AND visit = {visit}"))
+    src = ButlerSource(
+        RepoIndex(
+            demo.root, [DEFAULTS], ["calexp"], where=f"instrument = 'LSSTCam-imSim' AND visit = {visit}"
+        )
+    )
     try:
         files = _walk(src)
         assert len(files) == len(demo.detectors)
