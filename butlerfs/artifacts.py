@@ -1,24 +1,32 @@
 """Open an artifact by its URI and read it by offset.
 
 POSIX artifacts are read in place with ``pread`` into the caller's buffer (no copy
-in Python, the GIL released during the system call). A member of an uncompressed
-zip (``butler ingest-zip``) is a byte range of the zip file, read the same way;
-a compressed member goes through `zipfile`.
+in Python, the GIL released during the system call). Remote artifacts (``s3://``)
+are read through a `~butlerfs.fetch.Fetcher` (ranged GETs, read-ahead, the block
+cache). A member of an uncompressed zip (``butler ingest-zip``) is a byte range of
+the zip, read the same way as a whole artifact; a deflated member goes through
+`zipfile`.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import os
 import struct
 import threading
 import urllib.parse
 import zipfile
-from typing import Protocol
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING, Protocol
 
 from .errors import FsError
 
-__all__ = ["Reader", "extension_of", "local_path", "open_artifact", "probe_size"]
+if TYPE_CHECKING:
+    from .fetch import Fetcher
+
+__all__ = ["ArtifactOpener", "Reader", "extension_of", "local_path"]
 
 _COMPRESSION_SUFFIXES = frozenset({".gz", ".fz", ".bz2", ".xz", ".zst"})
 _ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... name length, extra length
@@ -92,6 +100,33 @@ class _FileRange:
         os.close(self._fd)
 
 
+class _ReaderFile(io.RawIOBase):
+    """A seekable file object over a `Reader`, for `zipfile`."""
+
+    def __init__(self, reader: Reader) -> None:
+        self._reader = reader
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._reader.size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        count = self._reader.read_into(memoryview(buffer).cast("B"), self._pos)
+        self._pos += count
+        return count
+
+
 class _CompressedMember:
     """A deflated zip member: correct, not fast (seeking backwards re-inflates)."""
 
@@ -113,51 +148,115 @@ class _CompressedMember:
         self._archive.close()
 
 
-def _open_zip_member(path: str, member: str) -> Reader:
-    archive = zipfile.ZipFile(path)
+def _zip_member(stream: IO[bytes], member: str, where: str) -> tuple[zipfile.ZipFile, zipfile.ZipInfo, int]:
+    """Return the archive, the member's info and the offset of its data."""
+    archive = zipfile.ZipFile(stream)
     try:
         info = archive.getinfo(member)
     except KeyError:
         archive.close()
-        raise FsError(errno.EIO, f"{member} is not in {path}") from None
-    if info.compress_type != zipfile.ZIP_STORED:
-        return _CompressedMember(archive, info)
-    archive.close()
-    with open(path, "rb") as stream:
-        stream.seek(info.header_offset)
-        signature, name_len, extra_len = _ZIP_LOCAL_HEADER.unpack(stream.read(_ZIP_LOCAL_HEADER.size))
+        raise FsError(errno.EIO, f"{member} is not in {where}") from None
+    stream.seek(info.header_offset)
+    signature, name_len, extra_len = _ZIP_LOCAL_HEADER.unpack(stream.read(_ZIP_LOCAL_HEADER.size))
     if signature != b"PK\x03\x04":
-        raise FsError(errno.EIO, f"corrupt zip header for {member} in {path}")
-    start = info.header_offset + 30 + name_len + extra_len
-    return _FileRange(path, start, info.file_size)
+        archive.close()
+        raise FsError(errno.EIO, f"corrupt zip header for {member} in {where}")
+    return archive, info, info.header_offset + 30 + name_len + extra_len
 
 
-def open_artifact(uri: str) -> Reader:
-    """Open an artifact for reading.
+class ArtifactOpener:
+    """Opens artifacts by URI: POSIX in place, remote through a fetcher.
 
-    Raises
-    ------
-    FsError
-        ``EIO`` when the artifact is missing or unreadable (the registry says it
-        exists, so its absence is an I/O error of the datastore, not ``ENOENT``);
-        ``EOPNOTSUPP`` for a URI scheme this version cannot read.
+    Parameters
+    ----------
+    fetcher : callable, optional
+        Returns the mount's `~butlerfs.fetch.Fetcher`; called on the first remote
+        open, so a POSIX-only mount never starts one.
     """
-    path = local_path(uri)
-    if path is None:
-        raise FsError(errno.EOPNOTSUPP, f"cannot read {uri}: only file:// datastores are supported")
-    _, member = _split(uri)
-    try:
-        return _FileRange(path) if member is None else _open_zip_member(path, member)
-    except FsError:
-        raise
-    except OSError as err:
-        raise FsError(errno.EIO, f"cannot open {uri}: {err.strerror}") from None
 
+    def __init__(self, fetcher: Callable[[], Fetcher] | None = None) -> None:
+        self._fetcher_factory = fetcher
+        self._fetcher: Fetcher | None = None
+        self._lock = threading.Lock()
 
-def probe_size(uri: str) -> int:
-    """Return an artifact's size when its datastore record does not give it."""
-    reader = open_artifact(uri)
-    try:
-        return reader.size
-    finally:
-        reader.close()
+    def fetcher(self) -> Fetcher:
+        """Return the fetcher for remote artifacts."""
+        with self._lock:
+            if self._fetcher is None:
+                if self._fetcher_factory is None:
+                    raise FsError(errno.EOPNOTSUPP, "this mount cannot read remote artifacts")
+                self._fetcher = self._fetcher_factory()
+            return self._fetcher
+
+    def open(self, uri: str, key: str, size: int, checksum: str | None = None) -> Reader:
+        """Open an artifact for reading.
+
+        Parameters
+        ----------
+        uri : `str`
+            The artifact's URI, with a ``#zip-path=`` fragment for a zip member.
+        key : `str`
+            Its cache key: dataset UUID, plus ``.component``.
+        size : `int`
+            Its size from the datastore record (-1 if unknown).
+        checksum : `str`, optional
+            Its checksum from the datastore record.
+
+        Raises
+        ------
+        FsError
+            ``EIO`` when the artifact is missing or unreadable (the registry says it
+            exists, so its absence is an I/O error of the datastore, not ``ENOENT``);
+            ``EOPNOTSUPP`` for a URI scheme butlerfs cannot read.
+        """
+        base, member = _split(uri)
+        path = local_path(uri)
+        try:
+            if path is not None:
+                return self._open_local(path, member)
+            if base.startswith("s3://"):
+                return self._open_remote(base, member, key, size, checksum)
+        except FsError:
+            raise
+        except OSError as err:
+            raise FsError(errno.EIO, f"cannot open {uri}: {err.strerror or err}") from None
+        raise FsError(errno.EOPNOTSUPP, f"cannot read {uri}: only file:// and s3:// datastores are supported")
+
+    def _open_local(self, path: str, member: str | None) -> Reader:
+        if member is None:
+            return _FileRange(path)
+        with open(path, "rb") as stream:
+            archive, info, start = _zip_member(stream, member, path)
+        archive.close()
+        if info.compress_type != zipfile.ZIP_STORED:
+            return _CompressedMember(zipfile.ZipFile(path), info)
+        return _FileRange(path, start, info.file_size)
+
+    def _open_remote(self, uri: str, member: str | None, key: str, size: int, checksum: str | None) -> Reader:
+        fetcher = self.fetcher()
+        if member is None:
+            if size < 0:
+                size = fetcher.store.size(uri)
+            return fetcher.open(key, uri, size, checksum=checksum)
+        # The zip's central directory is read (and cached) through the fetcher too.
+        zip_key = "zip-" + hashlib.sha1(uri.encode()).hexdigest()[:32]
+        whole = fetcher.open(zip_key, uri, fetcher.store.size(uri))
+        stream = io.BufferedReader(_ReaderFile(whole), buffer_size=64 * 1024)
+        archive, info, start = _zip_member(stream, member, uri)
+        if info.compress_type != zipfile.ZIP_STORED:
+            return _CompressedMember(archive, info)
+        archive.close()
+        return fetcher.open(key, uri, info.file_size, base=start, checksum=checksum)
+
+    def size(self, uri: str, key: str) -> int:
+        """Return an artifact's size when its datastore record does not give it."""
+        reader = self.open(uri, key, -1)
+        try:
+            return reader.size
+        finally:
+            reader.close()
+
+    def close(self) -> None:
+        """Stop the fetcher, if one was started."""
+        if self._fetcher is not None:
+            self._fetcher.shutdown()

@@ -24,6 +24,48 @@ def _split_commas(ctx: click.Context, param: click.Parameter, values: Iterable[s
     return tuple(part.strip() for value in values for part in value.split(",") if part.strip())
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Parse ``10G``, ``512M``, ``1.5T`` or a number of bytes.
+
+    Raises
+    ------
+    click.BadParameter
+        For anything else.
+    """
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = cleaned[-1:] if cleaned[-1:] in _UNITS else ""
+    try:
+        value = float(cleaned[: len(cleaned) - len(unit)])
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size such as 10G, 512M or 1000000") from None
+    if value < 0:
+        raise click.BadParameter(f"{text!r} is negative")
+    return int(value * _UNITS[unit])
+
+
+def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    return None if value is None else parse_size(value)
+
+
+cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Block cache of remote (S3) artifacts; may be shared by several mounts. "
+    "Default: $XDG_CACHE_HOME/butlerfs.",
+)
+cache_size_option = click.option(
+    "--cache-size",
+    default="10G",
+    show_default=True,
+    callback=_size_option,
+    help="Cache size limit (LRU eviction); 0 disables the disk cache.",
+)
+
+
 def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn `UsageError` into click's one-line error and exit status."""
 
@@ -89,6 +131,22 @@ where_option = click.option(
     type=click.IntRange(min=0),
     help="Fetch a directory's whole subtree in one query when it holds at most this many datasets.",
 )
+@cache_dir_option
+@cache_size_option
+@click.option(
+    "--fetch-concurrency",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most S3 requests in flight for the whole mount.",
+)
+@click.option(
+    "--timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds after which a remote read that keeps failing (endpoint down or stalled) returns EIO.",
+)
 @click.option("--foreground", "-f", is_flag=True, help="Serve in this process until unmounted (Ctrl-C).")
 @click.option("--allow-other", is_flag=True, help="Let other users read the mount.")
 @click.option("--single-thread", is_flag=True, help="Serve FUSE requests on one thread (for debugging).")
@@ -113,6 +171,10 @@ def mount_command(
     where: str,
     refresh: float,
     subtree_limit: int,
+    cache_dir: str | None,
+    cache_size: int,
+    fetch_concurrency: int,
+    timeout: float,
     foreground: bool,
     allow_other: bool,
     single_thread: bool,
@@ -134,6 +196,10 @@ def mount_command(
         where=where,
         refresh=refresh,
         subtree_limit=subtree_limit,
+        cache_dir=cache_dir,
+        cache_size=cache_size,
+        fetch_concurrency=fetch_concurrency,
+        timeout=timeout,
         threads=not single_thread,
         allow_other=allow_other,
         log_file=log_file,

@@ -25,10 +25,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import psutil
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .artifacts import ArtifactOpener
+    from .fetch import Fetcher
 
 __all__ = ["Mount", "MountOptions", "mount", "preflight", "serve", "spawn", "unmount"]
 
@@ -52,6 +57,14 @@ class MountOptions:
     threads: bool = True
     allow_other: bool = False
     read_ahead_kb: int = READ_AHEAD_KB
+    cache_dir: str | None = None
+    """Block cache of remote artifacts; default `butlerfs.cache.default_cache_dir`."""
+    cache_size: int = 10 << 30
+    """Cache size limit in bytes; 0 disables the disk cache."""
+    fetch_concurrency: int = 16
+    """Most GETs in flight for the whole mount."""
+    timeout: float = 30.0
+    """Seconds after which a remote read that keeps failing returns EIO."""
     log_file: str | None = None
     log_level: str = "INFO"
 
@@ -155,6 +168,48 @@ def _tune_read_ahead(st_dev: int, kb: int) -> None:
         _LOG.info("Could not raise read-ahead (%s); sequential reads will be slower", err)
 
 
+def make_opener(options: MountOptions, roots: Sequence[str]) -> ArtifactOpener:
+    """Return the artifact opener of a mount, checking remote datastores now.
+
+    The fetcher (threads, cache directory, S3 client) is made only if a datastore is
+    remote, or on the first remote artifact: a POSIX mount never starts one.
+
+    Raises
+    ------
+    UsageError
+        For an unusable cache directory, unknown bucket, bad credentials or an
+        unreachable endpoint.
+    """
+    from .artifacts import ArtifactOpener
+
+    def fetcher() -> Fetcher:
+        from .cache import BlockCache, default_cache_dir
+        from .fetch import Fetcher
+        from .remote import ObjectStore, RetryPolicy
+
+        store = ObjectStore(
+            RetryPolicy(deadline=options.timeout), max_connections=2 * options.fetch_concurrency
+        )
+        cache = None
+        if options.cache_size > 0:
+            cache_dir = options.cache_dir or default_cache_dir()
+            try:
+                cache = BlockCache(cache_dir, options.cache_size)
+            except OSError as err:
+                raise UsageError(
+                    f"cannot use cache directory {cache_dir}: {err.strerror} (see --cache-dir)"
+                ) from None
+        return Fetcher(store, cache, concurrency=options.fetch_concurrency)
+
+    opener = ArtifactOpener(fetcher)
+    remote = [root for root in roots if root.startswith("s3://")]
+    if remote:
+        store = opener.fetcher().store
+        for root in remote:
+            store.check_access(root)
+    return opener
+
+
 def serve(options: MountOptions, on_mounted: Callable[[], None] | None = None) -> None:
     """Open the repository and serve the mount in this process until unmounted.
 
@@ -170,7 +225,8 @@ def serve(options: MountOptions, on_mounted: Callable[[], None] | None = None) -
     from .source import ButlerSource
 
     index = RepoIndex(options.repo, options.collections, options.dataset_types, options.where)
-    source = ButlerSource(index, refresh=options.refresh, subtree_limit=options.subtree_limit)
+    opener = make_opener(options, index.datastore_roots())
+    source = ButlerSource(index, refresh=options.refresh, subtree_limit=options.subtree_limit, opener=opener)
 
     def after_mount() -> None:
         # The kernel answers a stat of the mount point only after init returns; a

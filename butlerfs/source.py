@@ -64,6 +64,12 @@ class File:
     artifact: Artifact
     size: int
 
+    @property
+    def key(self) -> str:
+        """Cache key: the dataset UUID, plus ``.component`` for a component."""
+        component = self.artifact.component
+        return f"{self.dataset.id}.{component}" if component else str(self.dataset.id)
+
 
 @dataclass(frozen=True, slots=True)
 class Attributes:
@@ -87,6 +93,8 @@ class ButlerSource:
         Seconds a listing is trusted before it is queried again.
     subtree_limit : `int`, optional
         Largest number of datasets fetched in one go to build a whole subtree.
+    opener : `~butlerfs.artifacts.ArtifactOpener`, optional
+        Opens artifacts; the default reads POSIX artifacts only.
     clock : callable, optional
         Monotonic clock, replaceable in tests.
     """
@@ -97,9 +105,11 @@ class ButlerSource:
         *,
         refresh: float = 60.0,
         subtree_limit: int = 20_000,
+        opener: artifacts.ArtifactOpener | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._index = index
+        self._opener = opener or artifacts.ArtifactOpener()
         self.refresh = refresh
         self._subtree_limit = subtree_limit
         self._clock = clock
@@ -210,11 +220,28 @@ class ButlerSource:
             leaf = directory(data_id)
             assert leaf.children is not None
             for entry in same:
-                for name, file in _files_of(entry, info, disambiguate=len(same) > 1):
+                for name, file in self._files_of(entry, info, disambiguate=len(same) > 1):
                     leaf.children[name] = file
         top = fresh[node.fixed]
         node.children = top.children
         node.loaded_at = now
+
+    def _files_of(
+        self, entry: DatasetEntry, info: DatasetTypeInfo, *, disambiguate: bool
+    ) -> Iterator[tuple[str, File]]:
+        values = [value for _, value in entry.data_id]
+        for artifact in entry.artifacts:
+            ext = artifacts.extension_of(artifact.uri)
+            name = file_name(info.name, values, ext, artifact.component)
+            if disambiguate:
+                # Several datasets share this data ID (calibrations certified for several
+                # validity ranges): the UUID prefix keeps their names apart.
+                stem = name[: len(name) - len(ext)] if ext else name
+                name = f"{stem}-{entry.id.hex[:8]}{ext}"
+            file = File(entry, artifact, artifact.size)
+            if artifact.size < 0:
+                file = File(entry, artifact, self._opener.size(artifact.uri, file.key))
+            yield name, file
 
     # Attributes
 
@@ -283,7 +310,7 @@ class ButlerSource:
         node = self.lookup(path)
         if isinstance(node, Directory):
             raise FsError(errno.EISDIR, f"is a directory: {path}")
-        reader = artifacts.open_artifact(node.artifact.uri)
+        reader = self._opener.open(node.artifact.uri, node.key, node.size, node.artifact.checksum)
         handle = next(self._next_handle)
         self._handles[handle] = reader
         return handle
@@ -311,24 +338,9 @@ class ButlerSource:
         """Close every handle and the registry connection."""
         for handle in list(self._handles):
             self.release(handle)
+        self._opener.close()
         self._index.close()
 
 
 def _split(path: str) -> Iterator[str]:
     return (part for part in path.split("/") if part)
-
-
-def _files_of(
-    entry: DatasetEntry, info: DatasetTypeInfo, *, disambiguate: bool
-) -> Iterator[tuple[str, File]]:
-    values = [value for _, value in entry.data_id]
-    for artifact in entry.artifacts:
-        ext = artifacts.extension_of(artifact.uri)
-        name = file_name(info.name, values, ext, artifact.component)
-        if disambiguate:
-            # Several datasets share this data ID (calibrations certified for several
-            # validity ranges): the UUID prefix keeps their names apart.
-            stem = name[: len(name) - len(ext)] if ext else name
-            name = f"{stem}-{entry.id.hex[:8]}{ext}"
-        size = artifact.size if artifact.size >= 0 else artifacts.probe_size(artifact.uri)
-        yield name, File(entry, artifact, size)
