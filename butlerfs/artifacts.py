@@ -248,6 +248,10 @@ class ArtifactOpener:
         archive.close()
         return fetcher.open(key, uri, info.file_size, base=start, checksum=checksum)
 
+    def stats(self) -> dict[str, int]:
+        """Counters of remote reads (empty before the first remote open)."""
+        return self._fetcher.stats() if self._fetcher is not None else {}
+
     def size(self, uri: str, key: str) -> int:
         """Return an artifact's size when its datastore record does not give it."""
         reader = self.open(uri, key, -1)

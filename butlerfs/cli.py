@@ -261,6 +261,106 @@ def demo_repo_command(
     click.echo(f"  collections: {', '.join(summary.collections)}")
 
 
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@click.group("cache")
+def cache_group() -> None:
+    """Inspect, clear or fill the block cache of remote (S3) artifacts."""
+
+
+@cache_group.command("info")
+@cache_dir_option
+@_user_errors
+def cache_info_command(cache_dir: str | None) -> None:
+    """Show the cache's directory, entries and size."""
+    from .cache import BlockCache, default_cache_dir
+
+    info = BlockCache(cache_dir or default_cache_dir(), limit=0).info()
+    click.echo(f"cache directory: {info.path}")
+    click.echo(f"entries (datasets or components): {info.entries}")
+    click.echo(f"size: {_human(info.bytes)}")
+
+
+@cache_group.command("clear")
+@cache_dir_option
+@_user_errors
+def cache_clear_command(cache_dir: str | None) -> None:
+    """Remove every cached block (safe while mounts use the cache: they fetch again)."""
+    from .cache import BlockCache, default_cache_dir
+
+    cache = BlockCache(cache_dir or default_cache_dir(), limit=0)
+    before = cache.info()
+    cache.clear()
+    click.echo(f"Removed {before.entries} entries ({_human(before.bytes)}) from {before.path}")
+
+
+@cache_group.command("prefetch")
+@click.argument("repo")
+@collections_option
+@dataset_type_option
+@where_option
+@cache_dir_option
+@cache_size_option
+@click.option("--fetch-concurrency", "-j", default=16, show_default=True, type=click.IntRange(min=1))
+@_user_errors
+def cache_prefetch_command(
+    repo: str,
+    collections: tuple[str, ...],
+    dataset_types: tuple[str, ...],
+    where: str,
+    cache_dir: str | None,
+    cache_size: int,
+    fetch_concurrency: int,
+) -> None:
+    """Fetch the remote artifacts of a query into the cache, in parallel.
+
+    Takes the same REPO, --collections, --dataset-type and --where as mount, so that
+    a batch run over the mount afterwards reads only local bytes.
+    """
+    from .errors import FsError
+    from .mounting import MountOptions
+    from .prefetch import prefetch
+
+    options = MountOptions(
+        repo=repo,
+        mountpoint="",
+        collections=collections,
+        dataset_types=dataset_types,
+        where=where,
+        cache_dir=cache_dir,
+        cache_size=cache_size,
+        fetch_concurrency=fetch_concurrency,
+    )
+    if cache_size <= 0:
+        raise UsageError("prefetch needs a cache: give a --cache-size above 0")
+    bar: Any = None
+
+    def on_plan(total: int) -> None:
+        nonlocal bar
+        bar = click.progressbar(length=total, label="Prefetching", show_pos=False, show_percent=True)
+        bar.__enter__()
+
+    try:
+        result = prefetch(options, on_plan=on_plan, on_progress=lambda n: bar.update(n))
+    except FsError as err:
+        raise UsageError(f"prefetch failed: {err.strerror} (nothing is lost: run it again)") from None
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    click.echo(
+        f"{result.datasets} datasets, {result.remote_artifacts} remote artifacts "
+        f"({_human(result.bytes_total)}): fetched {_human(result.bytes_fetched)} "
+        f"in {result.requests} requests; "
+        f"{result.local_artifacts} local artifacts need no cache"
+    )
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="butlerfs")
 @click.option(
@@ -278,6 +378,7 @@ def main(log_level: str) -> None:
 main.add_command(mount_command)
 main.add_command(umount_command)
 main.add_command(demo_repo_command)
+main.add_command(cache_group)
 
 
 def butler_plugin_commands() -> list[click.Command]:

@@ -100,6 +100,18 @@ class Fetcher:
         self._inflight: dict[tuple[str, int], concurrent.futures.Future[dict[int, bytes]]] = {}
         self._memory: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
         self._memory_blocks = memory_blocks
+        self.served = collections.Counter[str]()
+        """Blocks served from ``memory``, the disk ``cache``, or a ``fetch``."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters of this mount's remote reads since it started."""
+        return {
+            "requests": self.store.requests,
+            "bytes_fetched": self.store.bytes_fetched,
+            "blocks_from_memory": self.served["memory"],
+            "blocks_from_cache": self.served["cache"],
+            "blocks_fetched": self.served["fetch"],
+        }
 
     def open(self, key: str, uri: str, size: int, base: int = 0, checksum: str | None = None) -> RemoteReader:
         """Open a remote artifact for reading; nothing is fetched yet."""
@@ -183,9 +195,13 @@ class Fetcher:
             held = self._memory.get((obj.key, index))
         if held is None and index in obj.cached and self.cache is not None:
             if self._read_cached(obj, index, view[:want], start, length):
+                self.served["cache"] += 1
                 return want
         if held is None:
             held = self._wait(obj, index)
+            self.served["fetch"] += 1
+        else:
+            self.served["memory"] += 1
         view[:want] = held[start : start + want]
         return want
 

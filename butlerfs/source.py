@@ -37,6 +37,7 @@ __all__ = ["Attributes", "ButlerSource", "Directory", "File"]
 _LOG = logging.getLogger(__name__)
 
 XATTR_PREFIX = "user.butler."
+STATS_XATTR = "user.butlerfs.stats"
 
 
 @dataclass(slots=True)
@@ -258,8 +259,10 @@ class ButlerSource:
         return self._uid, self._gid
 
     def xattrs(self, path: str) -> dict[str, bytes]:
-        """Return the extended attributes of a file (directories have none)."""
+        """Return the extended attributes of a file; the root has the mount's counters."""
         node = self.lookup(path)
+        if node is self._root:
+            return {STATS_XATTR: json.dumps(self._opener.stats()).encode()}
         if isinstance(node, Directory):
             return {}
         dataset = node.dataset
