@@ -232,7 +232,7 @@ class ButlerSource:
     ) -> Iterator[tuple[str, File]]:
         values = [value for _, value in entry.data_id]
         for artifact in entry.artifacts:
-            ext = artifacts.extension_of(artifact.uri)
+            ext = artifacts.extension_of(artifact.path)
             name = file_name(info.name, values, ext, artifact.component)
             if disambiguate:
                 # Several datasets share this data ID (calibrations certified for several
@@ -248,7 +248,10 @@ class ButlerSource:
 
     def getattr(self, path: str) -> Attributes:
         """Return the attributes of the node at ``path``."""
-        node = self.lookup(path)
+        return self.attributes(self.lookup(path))
+
+    def attributes(self, node: Directory | File) -> Attributes:
+        """Return the attributes of a node (as `listdir` gives them)."""
         if isinstance(node, File):
             return Attributes(stat.S_IFREG | 0o444, node.size, node.dataset.ingest_date or self._mounted_at)
         return Attributes(stat.S_IFDIR | 0o555, 0, self._mounted_at)
