@@ -122,8 +122,10 @@ class BlockCache:
             with contextlib.suppress(OSError):
                 os.remove(temp)
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                self._writable = False
-                _LOG.warning("Cache disk %s is full: reads go on without caching", self.root)
+                with self._lock:  # concurrent fetches hit the full disk together: warn once
+                    first, self._writable = self._writable, False
+                if first:
+                    _LOG.warning("Cache disk %s is full: reads go on without caching", self.root)
                 return False
             raise
         with self._lock:

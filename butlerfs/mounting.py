@@ -188,7 +188,7 @@ def make_opener(options: MountOptions, roots: Sequence[str]) -> ArtifactOpener:
         from .remote import ObjectStore, RetryPolicy
 
         store = ObjectStore(
-            RetryPolicy(deadline=options.timeout), max_connections=2 * options.fetch_concurrency
+            RetryPolicy.within(options.timeout), max_connections=2 * options.fetch_concurrency
         )
         cache = None
         if options.cache_size > 0:

@@ -74,6 +74,25 @@ class RetryPolicy:
     backoff: float = 0.2
     """First pause between attempts; doubled each time, at most 5 s."""
 
+    @classmethod
+    def within(cls, timeout: float) -> RetryPolicy:
+        """Return a policy whose failing requests give up after about ``timeout`` seconds.
+
+        The deadline alone does not bound a stalled endpoint: an attempt waits for its
+        connect and read timeouts whatever the deadline, so those are capped too.
+
+        Parameters
+        ----------
+        timeout : `float`
+            Seconds (``MountOptions.timeout``).
+        """
+        floor = 0.5  # a zero socket timeout would mean non-blocking, not "fail at once"
+        return cls(
+            connect_timeout=max(floor, min(cls.connect_timeout, timeout)),
+            read_timeout=max(floor, min(cls.read_timeout, timeout)),
+            deadline=timeout,
+        )
+
 
 class ObjectStore:
     """Ranged GETs with retries, and counters of what was fetched.
