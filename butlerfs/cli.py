@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -361,6 +362,154 @@ def cache_prefetch_command(
     )
 
 
+@click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("repo")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- PROGRAM [ARG]...")
+@collections_option
+@click.option(
+    "--input",
+    "-i",
+    "inputs",
+    multiple=True,
+    metavar="NAME=DATASET_TYPE[:MODE]",
+    help="An input, {NAME} in the command; the first gives the data IDs. MODE: mount (default), "
+    "direct (path at rest), copy (private copy), uri (the URI string).",
+)
+@click.option(
+    "--where",
+    "-w",
+    default="",
+    metavar="EXPR",
+    help='Butler query expression constraining the first input, e.g. "visit = 733724".',
+)
+@click.option(
+    "--output",
+    "-o",
+    "outputs",
+    multiple=True,
+    metavar="NAME=GLOB[:DATASET_TYPE]",
+    help="A file the program writes (exactly one match in its working directory), stored as a "
+    "dataset of the data ID (dataset type default NAME).",
+)
+@click.option("--output-run", default=None, metavar="RUN", help="RUN collection receiving the outputs.")
+@click.option(
+    "--jobs", "-j", default=1, show_default=True, type=click.IntRange(min=1), help="Data IDs at once."
+)
+@click.option(
+    "--timeout", default=None, type=click.FloatRange(min=0), help="Seconds before a program is stopped."
+)
+@click.option(
+    "--kill-grace",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds between SIGTERM and SIGKILL when stopping a program.",
+)
+@click.option(
+    "--sandbox",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "on", "off"]),
+    help="Run programs under bubblewrap: read-only system, writable working directory only.",
+)
+@click.option("--no-network", is_flag=True, help="No network for the program (needs the sandbox).")
+@click.option(
+    "--overlay",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "kernel", "fuse", "links"]),
+    help="How the writable working directory is made; auto tries kernel, fuse, links.",
+)
+@click.option(
+    "--transfer",
+    default="move",
+    show_default=True,
+    type=click.Choice(["move", "copy", "link", "symlink"]),
+    help="How ingest stores output files.",
+)
+@click.option("--put", is_flag=True, help="Store outputs with butler.put through the ButlerfsFile formatter.")
+@click.option("--shell", is_flag=True, help="Run the command with /bin/sh -c; substitutions are quoted.")
+@click.option("--fail-fast", is_flag=True, help="Start no new data ID after one failed.")
+@click.option("--rerun-failed", is_flag=True, help="Run again the data IDs that failed in a previous run.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Workspaces, one per data ID (default ./butlerfs-run/<output run or timestamp>).",
+)
+@click.pass_context
+@_user_errors
+def run_command(
+    ctx: click.Context,
+    repo: str,
+    command: tuple[str, ...],
+    collections: tuple[str, ...],
+    inputs: tuple[str, ...],
+    where: str,
+    outputs: tuple[str, ...],
+    output_run: str | None,
+    jobs: int,
+    timeout: float | None,
+    kill_grace: float,
+    sandbox: str,
+    no_network: bool,
+    overlay: str,
+    transfer: str,
+    put: bool,
+    shell: bool,
+    fail_fast: bool,
+    rerun_failed: bool,
+    workdir: str | None,
+) -> None:
+    """Run PROGRAM once per data ID of REPO's datasets and store its outputs in the Butler.
+
+    \b
+    Placeholders in the arguments: {NAME} (an input's path), {dataId.KEY}, {workdir};
+    {{ and }} are literal braces. Example:
+      butlerfs run repo -c LSSTCam-imSim/defaults -i img=calexp -w "visit = 733724" \\
+        -o cat=cat.fits:srcCat --output-run u/me/sex -- \\
+        source-extractor '{img}[1]' -CATALOG_NAME cat.fits -CATALOG_TYPE FITS_1.0
+    """  # noqa: D301 (click's \b keeps the example's lines)
+    from wrapper.run import RunOptions, execute_plan, plan_run
+
+    options = RunOptions(
+        repo=repo,
+        collections=collections,
+        inputs=inputs,
+        command=command,
+        where=where,
+        outputs=outputs,
+        output_run=output_run,
+        jobs=jobs,
+        timeout=timeout,
+        sandbox=sandbox,
+        network=not no_network,
+        overlay=overlay,
+        transfer=transfer,
+        put=put,
+        shell=shell,
+        fail_fast=fail_fast,
+        rerun_failed=rerun_failed,
+        workdir=workdir,
+        kill_grace=kill_grace,
+    )
+    plan = plan_run(options)
+    if sys.stderr.isatty():
+        with click.progressbar(
+            length=len(plan.units), label="Running", file=sys.stderr, show_pos=True, show_percent=False
+        ) as bar:
+            summary = execute_plan(plan, on_result=lambda result: bar.update(1))
+    else:
+        summary = execute_plan(plan)
+    for line in summary.report():
+        click.echo(line)
+    if summary.interrupted:
+        click.echo("Interrupted: running programs were stopped; nothing half-done was stored.", err=True)
+        ctx.exit(130)
+    if not summary.ok:
+        ctx.exit(1)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="butlerfs")
 @click.option(
@@ -379,8 +528,9 @@ main.add_command(mount_command)
 main.add_command(umount_command)
 main.add_command(demo_repo_command)
 main.add_command(cache_group)
+main.add_command(run_command)
 
 
 def butler_plugin_commands() -> list[click.Command]:
     """Return the commands ``butler`` gains through the ``butler.cli`` entry point."""
-    return [mount_command, umount_command]
+    return [mount_command, umount_command, run_command]

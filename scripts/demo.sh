@@ -42,6 +42,28 @@ printf 'NUMBER\nX_IMAGE\nY_IMAGE\nFLUX_AUTO\n' > "$WORK/sex.param"
 echo "$(grep -vc '^#' "$WORK/cat.txt") sources found in $(basename "$CALEXP")"
 rm -rf "$WORK"
 
+VISIT=733724
+RUN_OUT=u/demo/sextractor
+RUNWORK=$(mktemp -d)
+printf 'NUMBER\nX_IMAGE\nY_IMAGE\nFLUX_AUTO\n' > "$RUNWORK/sex.param"
+step "SExtractor once per detector of visit $VISIT, catalogs stored in the Butler: butlerfs run"
+echo "butlerfs run $REPO -c $COLL -i calexp=calexp -w \"instrument='LSSTCam-imSim' AND visit=$VISIT\" \\"
+echo "    -o cat=cat.fits:sourceCatalog --output-run $RUN_OUT -j 2 -- \\"
+echo "    source-extractor '{calexp}[1]' -CATALOG_NAME cat.fits -CATALOG_TYPE FITS_1.0 ..."
+$BIN/butlerfs run "$REPO" -c "$COLL" -i calexp=calexp -w "instrument='LSSTCam-imSim' AND visit=$VISIT" \
+  -o cat=cat.fits:sourceCatalog --output-run "$RUN_OUT" -j 2 --workdir "$RUNWORK/work" -- \
+  source-extractor '{calexp}[1]' -CATALOG_NAME cat.fits -CATALOG_TYPE FITS_1.0 \
+  -PARAMETERS_NAME "$RUNWORK/sex.param" -FILTER N -VERBOSE_TYPE QUIET
+MANIFEST=$(find "$RUNWORK/work" -name manifest.json | sort | head -n 1)
+echo "One workspace per data ID, e.g. $(dirname "${MANIFEST#"$RUNWORK/work/"}")/: $(ls "$(dirname "$MANIFEST")" | tr '\n' ' ')"
+$BIN/python -c 'import json, sys; m = json.load(open(sys.argv[1]))
+print("manifest:", {k: m[k] for k in ("status", "exit_code", "overlay", "sandbox", "wall_time", "peak_rss")})
+print("argv:", " ".join(m["argv"]))' "$MANIFEST"
+rm -rf "$RUNWORK"
+
+step "The catalogs, listed back: butler query-datasets $REPO sourceCatalog --collections $RUN_OUT"
+$BIN/butler query-datasets "$REPO" sourceCatalog --collections "$RUN_OUT"
+
 step "Unmounting: butlerfs umount $MNT"
 $BIN/butlerfs umount "$MNT"
 trap - EXIT

@@ -1,0 +1,350 @@
+"""Which executions to run: data IDs from the first input, the other inputs by the same data ID.
+
+The data IDs are those of the first input's datasets, found (find-first) in the collections
+and constrained by ``--where``. Every other input is looked up with the same data ID, as
+butler does it: a non-calibration dataset type find-first in the collections (one query per
+input for all data IDs), a calibration dataset type through the CALIBRATION collections by
+the validity range that overlaps the exposure's or visit's timespan
+(``butler.find_dataset(..., timespan=...)`` per data ID).
+
+Everything here runs before any program does, so every mistake is reported first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from lsst.daf.butler import (
+    Butler,
+    CalibrationLookupError,
+    DataCoordinate,
+    DatasetRef,
+    DatasetType,
+    MissingDatasetTypeError,
+)
+from lsst.daf.butler.registry import MissingCollectionError
+
+from butlerfs.artifacts import extension_of, local_path
+from butlerfs.errors import UsageError
+
+from .harvest import DataIdKey, data_id_key
+from .workspace import StagingMode
+
+__all__ = [
+    "InputSpec",
+    "Unit",
+    "check_collections",
+    "direct_path",
+    "file_extension",
+    "find_units",
+    "get_dataset_type",
+    "open_butler",
+]
+
+_LOG = logging.getLogger(__name__)
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_RESERVED = {"workdir", "dataId"}
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A declared input: ``NAME=DATASET_TYPE[:MODE]``.
+
+    Attributes
+    ----------
+    name : `str`
+        The placeholder name.
+    dataset_type : `str`
+        The dataset type.
+    mode : `StagingMode`
+        How to stage it (default ``mount``).
+    """
+
+    name: str
+    dataset_type: str
+    mode: StagingMode = StagingMode.MOUNT
+
+    @classmethod
+    def parse(cls, text: str) -> InputSpec:
+        """Parse ``NAME=DATASET_TYPE[:MODE]``; ``DATASET_TYPE`` alone names the input after it.
+
+        Raises
+        ------
+        UsageError
+            Raised for anything else.
+        """
+        name, sep, rest = text.partition("=")
+        if not sep:
+            name, rest = text.partition(":")[0], text
+        dataset_type, _, mode = rest.partition(":")
+        name, dataset_type, mode = name.strip(), dataset_type.strip(), mode.strip()
+        modes = ", ".join(m.value for m in StagingMode)
+        if not _NAME.fullmatch(name) or not _NAME.fullmatch(dataset_type):
+            raise UsageError(
+                f"malformed --input {text!r}: expected NAME=DATASET_TYPE[:MODE], e.g. img=calexp"
+            )
+        if name in _RESERVED:
+            raise UsageError(f"--input {text!r}: {name} is reserved for the {{{name}}} placeholder")
+        try:
+            staging = StagingMode(mode) if mode else StagingMode.MOUNT
+        except ValueError:
+            raise UsageError(f"--input {text!r}: unknown staging mode {mode!r} (one of {modes})") from None
+        return cls(name, dataset_type, staging)
+
+
+@dataclasses.dataclass
+class Unit:
+    """One execution: its data ID and input datasets.
+
+    Attributes
+    ----------
+    data_id : `lsst.daf.butler.DataCoordinate`
+        The first input's data ID, expanded (implied dimensions and records).
+    refs : `dict` [`str`, `lsst.daf.butler.DatasetRef`]
+        The dataset of each input found, by input name.
+    uris : `dict` [`str`, `str`]
+        The artifact URI of each input found.
+    missing : `list` [`str`]
+        Why an input has no dataset; the unit fails without running when not empty.
+    """
+
+    data_id: DataCoordinate
+    refs: dict[str, DatasetRef] = dataclasses.field(default_factory=dict)
+    uris: dict[str, str] = dataclasses.field(default_factory=dict)
+    missing: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def key(self) -> DataIdKey:
+        """The hashable data ID (required dimensions)."""
+        return data_id_key(self.data_id)
+
+    @property
+    def required(self) -> dict[str, Any]:
+        """Required dimensions and values, in universe order."""
+        return dict(self.data_id.required)
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """Every dimension value, implied ones included (for ``{dataId.KEY}``)."""
+        return dict(self.data_id.mapping)
+
+
+def open_butler(repo: str, *, writeable: bool = False) -> Butler:
+    """Open a repository, turning the Butler's errors into one line.
+
+    Raises
+    ------
+    UsageError
+        Raised if ``repo`` is not a Butler repository.
+    """
+    try:
+        return Butler.from_config(repo, writeable=writeable)
+    except (FileNotFoundError, RuntimeError, ValueError, KeyError) as err:
+        first = str(err).split(" (given", 1)[0]
+        raise UsageError(
+            f"{repo} is not a Butler repository ({first}): give the directory holding butler.yaml"
+        ) from None
+
+
+def check_collections(butler: Butler, repo: str, collections: Sequence[str]) -> tuple[str, ...]:
+    """Check that collections are given and exist.
+
+    Raises
+    ------
+    UsageError
+        Raised for no collections, a pattern or an unknown collection.
+    """
+    if not collections:
+        raise UsageError("no collections given: pass --collections (see `butler query-collections`)")
+    for name in collections:
+        if any(ch in name for ch in "*?["):
+            raise UsageError(f"collection {name!r} is a pattern: name each collection to search, in order")
+        try:
+            butler.collections.get_info(name)
+        except MissingCollectionError:
+            raise UsageError(
+                f"unknown collection {name!r}: list them with `butler query-collections {repo}`"
+            ) from None
+    return tuple(collections)
+
+
+def get_dataset_type(butler: Butler, spec: InputSpec) -> DatasetType:
+    """Return an input's dataset type.
+
+    Raises
+    ------
+    UsageError
+        Raised if it is not registered.
+    """
+    try:
+        return butler.get_dataset_type(spec.dataset_type)
+    except MissingDatasetTypeError:
+        raise UsageError(
+            f"unknown dataset type {spec.dataset_type!r} (--input {spec.name}): "
+            "list them with `butler query-dataset-types`"
+        ) from None
+
+
+def find_units(
+    butler: Butler, collections: Sequence[str], specs: Sequence[InputSpec], where: str = ""
+) -> tuple[DatasetType, list[Unit]]:
+    """Find the executions: one per dataset of the first input.
+
+    Parameters
+    ----------
+    butler : `lsst.daf.butler.Butler`
+        The repository.
+    collections : `~collections.abc.Sequence` [`str`]
+        Collections to search, in order.
+    specs : `~collections.abc.Sequence` [`InputSpec`]
+        The inputs; the first one gives the data IDs.
+    where : `str`, optional
+        Query expression constraining the first input's datasets.
+
+    Returns
+    -------
+    first : `lsst.daf.butler.DatasetType`
+        The first input's dataset type (its dimensions are the executions' dimensions).
+    units : `list` [`Unit`]
+        The executions in data ID order.
+
+    Raises
+    ------
+    UsageError
+        Raised for no inputs, duplicate names, an unknown dataset type, an input whose
+        dimensions the first input's data ID does not fix, an invalid ``where``, no data ID
+        matched, or a dataset stored as several files (a disassembled composite).
+    """
+    if not specs:
+        raise UsageError("no --input given: the first one gives the data IDs, e.g. --input img=calexp")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--input names must differ: {', '.join(names)}")
+    types = {s.name: get_dataset_type(butler, s) for s in specs}
+    first = types[specs[0].name]
+    for spec in specs[1:]:
+        needed = set(types[spec.name].dimensions.required)
+        if not needed <= set(first.dimensions.names):
+            raise UsageError(
+                f"input {spec.name} ({spec.dataset_type}) needs {', '.join(sorted(needed))}, but the "
+                f"data IDs of {specs[0].dataset_type} fix only {', '.join(first.dimensions.names)}: "
+                "put the input with the most dimensions first"
+            )
+    try:
+        refs = butler.query_datasets(
+            first,
+            collections,
+            where=where,
+            find_first=True,
+            with_dimension_records=True,
+            order_by=list(first.dimensions.required),
+            limit=None,
+            explain=False,
+        )
+    except Exception as err:  # the Butler raises many types for a bad expression
+        if type(err).__name__ in ("InvalidQueryError", "UserExpressionError", "UserExpressionSyntaxError"):
+            raise UsageError(f"invalid --where {where!r}: {err}") from None
+        raise
+    if not refs:
+        constraint = f" matching --where {where!r}" if where else ""
+        raise UsageError(
+            f"no data ID matched: no {specs[0].dataset_type} datasets in {', '.join(collections)}{constraint}"
+        )
+    units = [Unit(ref.dataId, refs={specs[0].name: ref}) for ref in refs]
+    for spec in specs[1:]:
+        dataset_type = types[spec.name]
+        if dataset_type.isCalibration():
+            _find_calibrations(butler, collections, spec, dataset_type, units)
+        else:
+            _find_by_data_id(butler, collections, spec, dataset_type, units, specs[0].dataset_type, where)
+    _attach_uris(butler, specs, units)
+    _LOG.info("%d data IDs from %s", len(units), specs[0].dataset_type)
+    return first, units
+
+
+def _find_calibrations(
+    butler: Butler, collections: Sequence[str], spec: InputSpec, dataset_type: DatasetType, units: list[Unit]
+) -> None:
+    for unit in units:
+        timespan = unit.data_id.timespan
+        if timespan is None:
+            unit.missing.append(
+                f"{spec.name}: the data ID has no exposure or visit timespan to find a calibration"
+            )
+            continue
+        try:
+            ref = butler.find_dataset(dataset_type, unit.data_id, collections=collections, timespan=timespan)
+        except CalibrationLookupError as err:
+            unit.missing.append(f"{spec.name}: {err}")
+            continue
+        if ref is None:
+            unit.missing.append(f"{spec.name}: no {dataset_type.name} valid at {timespan} in the collections")
+        else:
+            unit.refs[spec.name] = ref
+
+
+def _find_by_data_id(
+    butler: Butler,
+    collections: Sequence[str],
+    spec: InputSpec,
+    dataset_type: DatasetType,
+    units: list[Unit],
+    first_type: str,
+    where: str,
+) -> None:
+    """One query for all units: the datasets of ``dataset_type`` where the first input has datasets."""
+    required = list(dataset_type.dimensions.required)
+    with butler.query() as query:
+        query = query.join_dataset_search(first_type, collections)
+        if where:
+            query = query.where(where)
+        found = {
+            tuple(ref.dataId.required.items()): ref
+            for ref in query.datasets(dataset_type, collections, find_first=True)
+        }
+    for unit in units:
+        key = tuple((name, unit.data_id[name]) for name in required)
+        ref = found.get(key)
+        if ref is None:
+            unit.missing.append(f"{spec.name}: no {dataset_type.name} for this data ID in the collections")
+        else:
+            unit.refs[spec.name] = ref
+
+
+def _attach_uris(butler: Butler, specs: Sequence[InputSpec], units: list[Unit]) -> None:
+    for spec in specs:
+        refs = [unit.refs[spec.name] for unit in units if spec.name in unit.refs]
+        uris = butler.get_many_uris(refs)
+        for unit in units:
+            ref = unit.refs.get(spec.name)
+            if ref is None:
+                continue
+            primary = uris[ref].primaryURI
+            if primary is None:
+                raise UsageError(
+                    f"input {spec.name} ({spec.dataset_type}) is stored as a disassembled composite "
+                    "(one file per component); butlerfs run needs one file per dataset"
+                )
+            unit.uris[spec.name] = str(primary)
+            if spec.mode is StagingMode.DIRECT and direct_path(str(primary)) is None:
+                raise UsageError(
+                    f"input {spec.name}: {primary} is not a file at rest on POSIX, so it cannot be staged "
+                    "direct: use mount (the default) or copy"
+                )
+
+
+def direct_path(uri: str) -> str | None:
+    """Return the POSIX path of an artifact at rest, or `None` (remote, or a member of a zip)."""
+    if "#zip-path=" in uri:
+        return None
+    return local_path(uri)
+
+
+def file_extension(uri: str) -> str:
+    """Return an artifact's extension (``.fits``, ``.fits.fz``), as the mount names files."""
+    return extension_of(uri)
