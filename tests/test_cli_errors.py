@@ -122,3 +122,15 @@ def test_umount_after_daemon_died(demo, mountpoint, fuse_ok):
     _assert_clean_error(remount, "umount")
     run_cli("umount", str(mountpoint), check=True)
     _assert_not_mounted(mountpoint)
+
+
+def test_butler_plugin_offers_the_commands():
+    result = subprocess.run(
+        [str(Path(os.sys.executable).parent / "butler"), "--help"], capture_output=True, text=True, check=True
+    )
+    commands = {line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ") and line.split()}
+    assert {"mount", "umount", "run"} <= commands
+    mount_help = subprocess.run(
+        [str(Path(os.sys.executable).parent / "butler"), "mount", "--help"], capture_output=True, text=True
+    )
+    assert mount_help.returncode == 0 and "--collections" in mount_help.stdout
