@@ -128,7 +128,9 @@ def test_butler_plugin_offers_the_commands():
     result = subprocess.run(
         [str(Path(os.sys.executable).parent / "butler"), "--help"], capture_output=True, text=True, check=True
     )
-    commands = {line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ") and line.split()}
+    commands = {
+        line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ") and line.split()
+    }
     assert {"mount", "umount", "run"} <= commands
     mount_help = subprocess.run(
         [str(Path(os.sys.executable).parent / "butler"), "mount", "--help"], capture_output=True, text=True
