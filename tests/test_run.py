@@ -577,3 +577,34 @@ def test_core_modules_do_not_import_the_butler():
         }
         assert not any((m or "").startswith("lsst.daf.butler") for m in imported), name
         assert not imported & {"inputs", "harvest", "run", "wrapper.inputs", "wrapper.harvest"}, name
+
+
+def test_sandboxed_program_may_live_under_tmp_and_gets_a_private_tmpdir(repo, work, tmp_path):
+    # A clone (with its virtual environment) under /tmp must still run sandboxed programs.
+    require_sandbox()
+    program = tmp_path / "bin" / "probe.sh"
+    program.parent.mkdir()
+    program.write_text(
+        '#!/bin/sh\necho "$TMPDIR" > tmpdir.txt\ntouch "$TMPDIR/scratch" && head -c 10 "$1" > head.bin\n'
+    )
+    program.chmod(0o755)
+    assert str(program).startswith("/tmp/") or not str(tmp_path).startswith("/tmp/")
+    result = butlerfs_run(
+        repo,
+        work,
+        "-i",
+        "img=calexp",
+        "-w",
+        f"instrument = '{INSTRUMENT}' AND detector = 0 AND visit = {repo.visits[0]}",
+        "--sandbox",
+        "on",
+        "--",
+        str(program),
+        "{img}",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (manifest,) = manifests(work).values()
+    assert manifest["status"] == "ok"
+    tmpdir = next(work.rglob("tmpdir.txt")).read_text().strip()
+    assert tmpdir.startswith(str(work)) and Path(tmpdir, "scratch").exists()
+    assert next(work.rglob("head.bin")).read_bytes() == b"SIMPLE  = "

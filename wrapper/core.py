@@ -174,11 +174,13 @@ def run_job(
             manifest.argv = argv
             full = argv
             if options.sandbox:
+                tmpdir = ws.root / "tmp"
+                tmpdir.mkdir(exist_ok=True)
                 full = bwrap_argv(
                     argv,
                     cwd=str(ws.merged),
                     writable=[str(ws.merged)],
-                    readable=staging.readable,
+                    tmpdir=str(tmpdir),
                     network=options.network,
                 )
                 manifest.sandbox_argv = full[: len(full) - len(argv)]

@@ -15,10 +15,9 @@ from __future__ import annotations
 import enum
 import functools
 import logging
-import os
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from butlerfs.errors import UsageError
 
@@ -26,7 +25,10 @@ __all__ = ["SandboxMode", "bwrap_argv", "bwrap_works", "resolve_sandbox"]
 
 _LOG = logging.getLogger(__name__)
 
-_BASE = ("--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp")
+# /tmp stays visible (read-only, like the rest of the system): a program or its
+# interpreter may live there (a virtual environment in a clone under /tmp). Well-behaved
+# programs write temporary files where TMPDIR points, a private directory of the workspace.
+_BASE = ("--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc")
 # --as-pid-1: the program itself is PID 1 of its namespace, a direct child of bwrap's monitor,
 # which reaps it, so wait4() on bwrap reports the program's CPU time. With bwrap's own reaper
 # as PID 1 the monitor exits without reaping it and the CPU time is lost. When PID 1 exits the
@@ -105,38 +107,12 @@ def resolve_sandbox(mode: SandboxMode | str, network: bool = True) -> bool:
     return False
 
 
-_HIDDEN = ("/tmp",)
-"""Directories the sandbox replaces with an empty tmpfs."""
-
-
-def _under(path: str, tops: Iterable[str]) -> bool:
-    return any(path == top or path.startswith(top.rstrip("/") + "/") for top in tops)
-
-
-def _rebinds(paths: Iterable[str], writable: Sequence[str]) -> list[str]:
-    """Bubblewrap options making hidden ``paths`` visible again, read-only."""
-    wanted = {os.path.normpath(p) for p in paths if os.path.isabs(p) and os.path.lexists(p)}
-    out: list[str] = []
-    bound: list[str] = []
-    for path in sorted(wanted, key=len):
-        if not _under(path, _HIDDEN) or _under(path, bound) or _under(path, writable):
-            continue
-        if os.path.islink(path):
-            out += ["--symlink", os.readlink(path), path]
-            path = os.path.realpath(path)
-            if not _under(path, _HIDDEN) or _under(path, bound) or not os.path.exists(path):
-                continue
-        out += ["--ro-bind", path, path]
-        bound.append(path)
-    return out
-
-
 def bwrap_argv(
     argv: Sequence[str],
     *,
     cwd: str,
     writable: Sequence[str],
-    readable: Iterable[str] = (),
+    tmpdir: str | None = None,
     network: bool = True,
 ) -> list[str]:
     """Return the command line running ``argv`` inside the sandbox.
@@ -149,10 +125,8 @@ def bwrap_argv(
         Working directory of the program.
     writable : `~collections.abc.Sequence` [`str`]
         Directories bound read-write (the overlay), after the read-only ones.
-    readable : `~collections.abc.Iterable` [`str`]
-        Paths the program reads (the workspace, the butlerfs mount, inputs at rest); with the
-        absolute paths of ``argv`` that exist, those the private ``/tmp`` hides are bound
-        again, read-only (a symbolic link as a link, plus its target).
+    tmpdir : `str`, optional
+        A private directory bound read-write and given to the program as ``TMPDIR``.
     network : `bool`, optional
         `False` gives the program its own empty network namespace.
 
@@ -163,10 +137,10 @@ def bwrap_argv(
     """
     bwrap = shutil.which("bwrap") or "bwrap"
     out = [bwrap, *_BASE]
-    # Longer paths after shorter ones, so that a bind inside another one stays visible.
-    out += _rebinds([*readable, *argv], writable)
     for path in writable:
         out += ["--bind", path, path]
+    if tmpdir is not None:
+        out += ["--bind", tmpdir, tmpdir, "--setenv", "TMPDIR", tmpdir]
     out += [*_ISOLATION, "--chdir", cwd]
     if not network:
         out.append("--unshare-net")

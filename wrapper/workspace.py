@@ -135,8 +135,6 @@ class Staging:
 
     overlay: OverlayMode
     inputs: list[StagedInput]
-    readable: list[str]
-    """Paths the program must be able to read (for the sandbox)."""
     placed: dict[str, tuple[int, int, int, int]] = dataclasses.field(default_factory=dict)
     """``links`` mode: ``lstat`` signature of each entry staged into ``merged/``."""
 
@@ -261,6 +259,12 @@ class Workspace:
         for path in (self.lower, self.upper, self.work, self.merged):
             path.mkdir(parents=True)
 
+    def remove(self) -> None:
+        """Delete the workspace directory and everything in it (no overlay may be mounted)."""
+        if os.path.ismount(self.merged):
+            raise OverlayError(f"cannot remove {self.root}: {self.merged} is still mounted")
+        shutil.rmtree(self.root, onexc=_force_remove)
+
     @contextlib.contextmanager
     def staged(
         self, inputs: Sequence[InputFile], overlay: OverlayMode | str = OverlayMode.AUTO
@@ -291,9 +295,8 @@ class Workspace:
         """
         self.reset()
         staged, layers, copies = self._stage_inputs(inputs)
-        readable = [str(self.root)] + [s.given for s in staged if s.mode is StagingMode.DIRECT]
         mode = self._mount(layers, OverlayMode(overlay))
-        staging = Staging(mode, staged, readable)
+        staging = Staging(mode, staged)
         if mode is OverlayMode.LINKS:
             self._place_links(staging, layers, copies)
         try:
@@ -385,9 +388,7 @@ class Workspace:
             if source in copied:
                 source.rename(target)  # a private copy may be edited in place
             else:
-                real = os.path.realpath(source)
-                target.symlink_to(real)
-                staging.readable.append(real)
+                target.symlink_to(os.path.realpath(source))
             staging.placed[name] = _signature(target.lstat())
 
     # -- overlay -------------------------------------------------------------------------------
