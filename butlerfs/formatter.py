@@ -19,6 +19,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any, ClassVar
 
 from lsst.daf.butler import FormatterV2, Location
@@ -30,6 +31,7 @@ __all__ = [
     "FileArtifactFormatter",
     "put_source_extension",
     "storage_class_config",
+    "write_config_dir",
 ]
 
 STORAGE_CLASS_NAME = "ButlerfsFile"
@@ -85,18 +87,44 @@ class FileArtifactFormatter(FormatterV2):
     can_read_from_uri: ClassVar[bool] = True
 
     def get_write_extension(self) -> str:
-        """Return the extension of a ``put`` artifact.
+        """Return the extension of a ``put`` artifact, or of the artifact already written.
 
         Returns
         -------
         extension : `str`
             The extension of the source announced with `put_source_extension`, else the
-            ``extension`` write parameter, else ``""``.
+            ``extension`` write parameter, else that of an artifact already at the predicted
+            location, else ``""``.
+
+        Notes
+        -----
+        The datastore also asks this when it predicts where an artifact is without a record:
+        ``butler transfer-from-graph`` after a quantum-backed run, and a quantum-backed
+        butler reading an output of an earlier quantum. Outside `put_source_extension`, the
+        artifact written with the source's extension is found by listing its directory.
         """
-        ext = _SOURCE_EXTENSION.get() or self.write_parameters.get("extension") or ""
+        source = _SOURCE_EXTENSION.get()
+        ext: str | None = source or self.write_parameters.get("extension")
+        if ext is None:
+            # Outside a put (source None): predicting where an artifact is; inside one of a
+            # file without an extension (source ""): none.
+            ext = self._extension_at_rest() if source is None else ""
         if ext and not ext.startswith("."):
             ext = "." + ext
         return ext
+
+    def _extension_at_rest(self) -> str:
+        """Return the extension of the artifact at the predicted location, ``""`` if none."""
+        location = self.file_descriptor.location.clone()
+        location.updateExtension("")
+        stem_uri = location.uri
+        stem = stem_uri.basename()
+        try:
+            _, _, names = next(iter(stem_uri.dirname().walk()))
+        except (StopIteration, FileNotFoundError, NotADirectoryError):
+            return ""
+        found = sorted(name[len(stem) :] for name in names if name.startswith(stem + "."))
+        return found[0] if found else ""
 
     @classmethod
     def validate_extension(cls, location: Location) -> None:
@@ -198,3 +226,27 @@ def storage_class_config() -> dict[str, Any]:
         "storageClasses": {STORAGE_CLASS_NAME: {"pytype": "lsst.resources.ResourcePath"}},
         "datastore": {"formatters": {STORAGE_CLASS_NAME: FileArtifactFormatter.name()}},
     }
+
+
+def write_config_dir(directory: str | os.PathLike[str]) -> Path:
+    """Write the `storage_class_config` snippet as a directory for ``DAF_BUTLER_CONFIG_PATH``.
+
+    Parameters
+    ----------
+    directory : path-like
+        Directory to create (or update) with ``storageClasses.yaml`` and ``datastore.yaml``.
+
+    Returns
+    -------
+    directory : `pathlib.Path`
+        The directory, absolute: put it on ``DAF_BUTLER_CONFIG_PATH`` (``:``-separated) of
+        every process that opens a repository whose ``butler.yaml`` lacks ``ButlerfsFile``.
+    """
+    import yaml
+
+    config = storage_class_config()
+    path = Path(directory).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "storageClasses.yaml").write_text(yaml.safe_dump({"storageClasses": config["storageClasses"]}))
+    (path / "datastore.yaml").write_text(yaml.safe_dump({"datastore": config["datastore"]}))
+    return path

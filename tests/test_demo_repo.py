@@ -307,3 +307,24 @@ def test_file_artifact_formatter(tmp_path: Path) -> None:
     butler.ingest(FileDataset(path=str(src), refs=[ref], formatter=FileArtifactFormatter), transfer="copy")
     assert butler.getURI(ref).path.endswith(".ecsv") and butler.get(ref) == butler.getURI(ref)
     assert src.exists()
+
+
+def test_file_artifact_formatter_predicts_the_extension_at_rest(tmp_path: Path) -> None:
+    """Without a record (a quantum-backed run's outputs), the artifact is found with its extension."""
+    Butler.makeRepo(str(tmp_path / "repo"), config=Config(storage_class_config()))
+    butler = Butler.from_config(str(tmp_path / "repo"), writeable=True, run="out")
+    butler.registry.insertDimensionData("instrument", {"name": "Cam"})
+    butler.registry.registerDatasetType(
+        DatasetType("thing", ["instrument"], "ButlerfsFile", universe=butler.dimensions)
+    )
+    src = tmp_path / "catalog.fits.gz"
+    src.write_bytes(b"not really gzip")
+    with put_source_extension(src) as uri:
+        ref = butler.put(uri, "thing", instrument="Cam")
+    datastore = butler._datastore  # type: ignore[attr-defined]
+    ((location, info),) = datastore._get_expected_dataset_locations_info(ref)
+    assert location.uri == butler.getURI(ref) and location.uri.getExtension() == ".fits.gz"
+    assert info.formatter.endswith("FileArtifactFormatter")
+    missing = DatasetRef(ref.datasetType, ref.dataId, run="other")
+    ((location, _),) = datastore._get_expected_dataset_locations_info(missing)
+    assert location.uri.getExtension() == ""  # nothing written there: no extension to find
