@@ -29,7 +29,7 @@ from lsst.resources import ResourcePath
 from .errors import UsageError
 from .layout import DataIdValue
 
-__all__ = ["Artifact", "DatasetEntry", "DatasetTypeInfo", "RepoIndex"]
+__all__ = ["Artifact", "DatasetEntry", "DatasetTypeInfo", "RepoIndex", "check_collections", "open_butler"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -163,8 +163,8 @@ class RepoIndex:
         self.repo = repo
         self.where = where
         self._lock = threading.Lock()
-        self._butler = _open_butler(repo)
-        self.collections = _check_collections(self._butler, repo, collections)
+        self._butler = open_butler(repo)
+        self.collections = check_collections(self._butler, repo, collections)
         self._types = _select_dataset_types(self._butler, self.collections, dataset_types)
         self._calibration_collections = self._find_calibration_collections()
         if where:
@@ -275,9 +275,16 @@ class RepoIndex:
         self._butler.close()
 
 
-def _open_butler(repo: str) -> Butler:
+def open_butler(repo: str, *, writeable: bool = False) -> Butler:
+    """Open a repository, turning the Butler's errors into one line.
+
+    Raises
+    ------
+    UsageError
+        Raised if ``repo`` is not a Butler repository.
+    """
     try:
-        return Butler.from_config(repo, writeable=False)
+        return Butler.from_config(repo, writeable=writeable)
     except (FileNotFoundError, RuntimeError, ValueError, KeyError) as err:
         first = str(err).split(" (given", 1)[0]
         raise UsageError(
@@ -285,7 +292,14 @@ def _open_butler(repo: str) -> Butler:
         ) from None
 
 
-def _check_collections(butler: Butler, repo: str, collections: Sequence[str]) -> tuple[str, ...]:
+def check_collections(butler: Butler, repo: str, collections: Sequence[str]) -> tuple[str, ...]:
+    """Check that collections are given, are not patterns, and exist.
+
+    Raises
+    ------
+    UsageError
+        Saying which collection is wrong and how to list the others.
+    """
     if not collections:
         chains = sorted(
             info.name for info in butler.collections.query_info("*") if info.type == CollectionType.CHAINED

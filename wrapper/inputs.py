@@ -26,10 +26,10 @@ from lsst.daf.butler import (
     DatasetType,
     MissingDatasetTypeError,
 )
-from lsst.daf.butler.registry import MissingCollectionError
 
 from butlerfs.artifacts import extension_of, local_path
 from butlerfs.errors import UsageError
+from butlerfs.registry import check_collections, open_butler
 
 from .harvest import DataIdKey, data_id_key
 from .workspace import StagingMode
@@ -132,45 +132,6 @@ class Unit:
     def values(self) -> dict[str, Any]:
         """Every dimension value, implied ones included (for ``{dataId.KEY}``)."""
         return dict(self.data_id.mapping)
-
-
-def open_butler(repo: str, *, writeable: bool = False) -> Butler:
-    """Open a repository, turning the Butler's errors into one line.
-
-    Raises
-    ------
-    UsageError
-        Raised if ``repo`` is not a Butler repository.
-    """
-    try:
-        return Butler.from_config(repo, writeable=writeable)
-    except (FileNotFoundError, RuntimeError, ValueError, KeyError) as err:
-        first = str(err).split(" (given", 1)[0]
-        raise UsageError(
-            f"{repo} is not a Butler repository ({first}): give the directory holding butler.yaml"
-        ) from None
-
-
-def check_collections(butler: Butler, repo: str, collections: Sequence[str]) -> tuple[str, ...]:
-    """Check that collections are given and exist.
-
-    Raises
-    ------
-    UsageError
-        Raised for no collections, a pattern or an unknown collection.
-    """
-    if not collections:
-        raise UsageError("no collections given: pass --collections (see `butler query-collections`)")
-    for name in collections:
-        if any(ch in name for ch in "*?["):
-            raise UsageError(f"collection {name!r} is a pattern: name each collection to search, in order")
-        try:
-            butler.collections.get_info(name)
-        except MissingCollectionError:
-            raise UsageError(
-                f"unknown collection {name!r}: list them with `butler query-collections {repo}`"
-            ) from None
-    return tuple(collections)
 
 
 def get_dataset_type(butler: Butler, spec: InputSpec) -> DatasetType:
