@@ -327,27 +327,50 @@ def spawn(options: MountOptions, timeout: float = 300.0) -> int:
     raise UsageError(f"the mount daemon exited with status {process.returncode}: see {log_file}")
 
 
-def unmount(mountpoint: str, timeout: float = 30.0) -> None:
+def unmount(mountpoint: str, timeout: float = 30.0, *, busy_wait: float = 0.0, lazy: bool = False) -> None:
     """Unmount ``mountpoint``, also when its daemon died, and wait for the daemon to exit.
+
+    Parameters
+    ----------
+    mountpoint : `str`
+        The mount point.
+    timeout : `float`, optional
+        Seconds to wait for the daemon to exit.
+    busy_wait : `float`, optional
+        Seconds to keep retrying while the mount is busy (a process that just
+        finished may still hold it, e.g. an overlay's helper).
+    lazy : `bool`, optional
+        Detach a mount that stays busy (``fusermount3 -uz``) instead of failing:
+        for a mount this process made and must not leave behind.
 
     Raises
     ------
     UsageError
-        If ``mountpoint`` is not mounted or stays busy.
+        If ``mountpoint`` is not mounted or stays busy (and ``lazy`` is false).
     """
     path = os.path.abspath(mountpoint)
     fusermount = _fusermount()
     if not _is_mounted(path):
         raise UsageError(f"{mountpoint} is not mounted")
-    result = subprocess.run([fusermount, "-u", path], capture_output=True, text=True)
-    if result.returncode != 0:
+    deadline = time.monotonic() + busy_wait
+    while True:
+        result = subprocess.run([fusermount, "-u", path], capture_output=True, text=True)
+        if result.returncode == 0:
+            break
         message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "unknown error"
         if "not connected" in message or "Transport endpoint" in message:
             subprocess.run([fusermount, "-uz", path], capture_output=True, text=True)
-        else:
-            raise UsageError(
-                f"cannot unmount {mountpoint}: {message} (is a process still using it? see fuser -vm)"
-            )
+            break
+        if time.monotonic() < deadline:
+            time.sleep(0.1)
+            continue
+        if lazy:
+            _LOG.warning("%s stays busy (%s): detaching it", mountpoint, message)
+            subprocess.run([fusermount, "-uz", path], capture_output=True, text=True)
+            break
+        raise UsageError(
+            f"cannot unmount {mountpoint}: {message} (is a process still using it? see fuser -vm)"
+        )
     _wait_for_daemon(path, timeout)
 
 
@@ -427,6 +450,7 @@ def mount(
     try:
         yield Mount(options.mountpoint, pid)
     finally:
-        unmount(options.mountpoint)
+        # This process made the mount: never leave it behind, even if a helper still holds it.
+        unmount(options.mountpoint, busy_wait=5.0, lazy=True)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)  # reap our child: a zombie would look alive
