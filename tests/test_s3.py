@@ -434,6 +434,10 @@ def test_small_cache_size_stays_under_its_limit(s3, mountpoint, tmp_path, cache_
             data = _read(path)
             assert data == truth(_uri(path)), path
             if not checked and len(data) < limit // 2:
+                # The fetch writes its blocks just after handing them to the reader.
+                deadline = time.monotonic() + 5
+                while _cache_bytes(cache_dir) == 0 and time.monotonic() < deadline:
+                    time.sleep(0.05)
                 assert _cache_bytes(cache_dir) > 0, "a small artifact read was not cached"
                 checked = True
             total += len(data)
