@@ -76,7 +76,8 @@ class Fetcher:
         Largest read-ahead window, in bytes.
     memory_blocks : `int`, optional
         Recently fetched blocks kept in memory (serving reads without a disk round
-        trip, and all reads when the cache disk is full).
+        trip, and all reads when the cache disk is full); by default a whole window
+        plus the parts in flight.
     """
 
     def __init__(
@@ -88,7 +89,7 @@ class Fetcher:
         part_size: int = 8 * BLOCK_SIZE,
         small_object: int = 2 * BLOCK_SIZE,
         max_window: int = 256 * BLOCK_SIZE,
-        memory_blocks: int = 256,
+        memory_blocks: int | None = None,
     ) -> None:
         self.store = store
         self.cache = cache
@@ -99,7 +100,9 @@ class Fetcher:
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, int], concurrent.futures.Future[dict[int, bytes]]] = {}
         self._memory: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
-        self._memory_blocks = memory_blocks
+        # Room for a whole read-ahead window plus the parts in flight: blocks fetched ahead
+        # must still be held when the reader gets there (always so without a disk cache).
+        self._memory_blocks = memory_blocks or max_window // BLOCK_SIZE + concurrency * self.part_blocks
         self.served = collections.Counter[str]()
         """Blocks served from ``memory``, the disk ``cache``, or a ``fetch``."""
 
@@ -282,10 +285,15 @@ class RemoteReader:
             window = self._window
         if obj.size <= fetcher.small_object:
             fetcher.request(obj, 0, obj.blocks - 1)
+        elif window:
+            # Demand and read-ahead in one request, its end rounded up to a part boundary:
+            # parts stay whole and aligned (as boto3's are), so a full window never
+            # degenerates into one small GET per read.
+            parts = fetcher.part_blocks
+            stop = ((last + window // BLOCK_SIZE) // parts + 1) * parts - 1
+            fetcher.request(obj, first, min(obj.blocks - 1, stop))
         else:
             fetcher.request(obj, first, last)
-            if window:
-                fetcher.request(obj, last + 1, min(obj.blocks - 1, last + window // BLOCK_SIZE))
         done = 0
         for index in range(first, last + 1):
             start = (offset + done) - index * BLOCK_SIZE
@@ -297,10 +305,10 @@ class RemoteReader:
 
 
 def _runs(indices: list[int], longest: int) -> Iterator[list[int]]:
-    """Split sorted indices into runs of consecutive values, each at most ``longest``."""
+    """Split sorted indices into runs of consecutive values within aligned parts of ``longest``."""
     run: list[int] = []
     for index in indices:
-        if run and (index != run[-1] + 1 or len(run) == longest):
+        if run and (index != run[-1] + 1 or index % longest == 0):
             yield run
             run = []
         run.append(index)

@@ -31,7 +31,7 @@ tasks:
       storageClasses:
         calexp: ExposureF
       command: sh -c 'head -c 2880 "$0" > /dev/null; sleep 0.2' {calexp}
-      sandbox: true
+      sandbox: "on"
 """
 
 
