@@ -28,6 +28,7 @@ DataIdValue = int | str
 
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 _ESCAPE = re.compile(r"-x([0-9a-f]{2})")
+_PLAIN = re.compile(r"[A-Za-z0-9._-]*")
 
 
 def _escape_byte(b: int) -> str:
@@ -50,7 +51,12 @@ def encode_value(value: DataIdValue, *, escape_underscore: bool = False) -> str:
     encoded : `str`
         Letters, digits, ``.``, ``_`` and ``-`` only.
     """
+    # Fast path: a tree of 100k datasets encodes every value; nearly all are plain.
+    if type(value) is int:
+        return str(value)
     text = str(value)
+    if _PLAIN.fullmatch(text) and "-x" not in text and not (escape_underscore and "_" in text):
+        return text
     out: list[str] = []
     i = 0
     while i < len(text):
