@@ -6,6 +6,7 @@ mistake is one line on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import sys
@@ -16,6 +17,7 @@ import click
 
 from . import __version__
 from .errors import UsageError
+from .mounting import MountOptions
 
 __all__ = ["butler_plugin_commands", "main"]
 
@@ -47,6 +49,18 @@ def parse_size(text: str) -> int:
     return int(value * _UNITS[unit])
 
 
+def format_size(n: int) -> str:
+    """Write a byte count as `parse_size` reads it, in the largest exact unit (``10G``)."""
+    for unit in "TGMK":
+        if n and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return str(n)
+
+
+# The mount's defaults live in `MountOptions`; the options below show them.
+_MOUNT_DEFAULTS: dict[str, Any] = {field.name: field.default for field in dataclasses.fields(MountOptions)}
+
+
 def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     return None if value is None else parse_size(value)
 
@@ -60,7 +74,7 @@ cache_dir_option = click.option(
 )
 cache_size_option = click.option(
     "--cache-size",
-    default="10G",
+    default=format_size(_MOUNT_DEFAULTS["cache_size"]),
     show_default=True,
     callback=_size_option,
     help="Cache size limit (LRU eviction); 0 disables the disk cache.",
@@ -120,14 +134,14 @@ where_option = click.option(
 @where_option
 @click.option(
     "--refresh",
-    default=60.0,
+    default=_MOUNT_DEFAULTS["refresh"],
     show_default=True,
     type=click.FloatRange(min=0),
     help="Seconds a directory listing is trusted before the registry is asked again.",
 )
 @click.option(
     "--subtree-limit",
-    default=20_000,
+    default=_MOUNT_DEFAULTS["subtree_limit"],
     show_default=True,
     type=click.IntRange(min=0),
     help="Fetch a directory's whole subtree in one query when it holds at most this many datasets.",
@@ -136,14 +150,14 @@ where_option = click.option(
 @cache_size_option
 @click.option(
     "--fetch-concurrency",
-    default=16,
+    default=_MOUNT_DEFAULTS["fetch_concurrency"],
     show_default=True,
     type=click.IntRange(min=1),
     help="Most S3 requests in flight for the whole mount.",
 )
 @click.option(
     "--timeout",
-    default=30.0,
+    default=_MOUNT_DEFAULTS["timeout"],
     show_default=True,
     type=click.FloatRange(min=0),
     help="Seconds after which a remote read that keeps failing (endpoint down or stalled) returns EIO.",
@@ -159,7 +173,7 @@ where_option = click.option(
 )
 @click.option(
     "--log-level",
-    default="INFO",
+    default=_MOUNT_DEFAULTS["log_level"],
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
@@ -187,7 +201,7 @@ def mount_command(
     Datasets appear as MOUNTPOINT/<dataset type>/<dimension>_<value>/.../<file>.
     Without --foreground the command returns once the mount is ready.
     """
-    from .mounting import MountOptions, preflight, serve, spawn
+    from .mounting import preflight, serve, spawn
 
     options = MountOptions(
         repo=repo,
@@ -325,7 +339,6 @@ def cache_prefetch_command(
     a batch run over the mount afterwards reads only local bytes.
     """
     from .errors import FsError
-    from .mounting import MountOptions
     from .prefetch import prefetch
 
     options = MountOptions(
