@@ -65,32 +65,24 @@ class ExternalProgramConnections(PipelineTaskConnections, dimensions=()):
                 return parse_dimensions(config.connectionDimensions[name])
             return list(config.dimensions)
 
-        for name, dataset_type in config.inputs.items():
-            setattr(
-                self,
-                name,
-                cT.Input(
-                    doc=f"Input {{{name}}} of the external program.",
-                    name=dataset_type,
-                    storageClass=config.storageClasses.get(name, STORAGE_CLASS_NAME),
-                    dimensions=dims(name),
-                    isCalibration=name in calibrations,
-                    deferLoad=True,
-                ),
-            )
-        for name, dataset_type in config.prerequisites.items():
-            setattr(
-                self,
-                name,
-                cT.PrerequisiteInput(
-                    doc=f"Prerequisite input {{{name}}} of the external program.",
-                    name=dataset_type,
-                    storageClass=config.storageClasses.get(name, STORAGE_CLASS_NAME),
-                    dimensions=dims(name),
-                    isCalibration=name in calibrations,
-                    deferLoad=True,
-                ),
-            )
+        kinds = (
+            (cT.Input, "Input", config.inputs),
+            (cT.PrerequisiteInput, "Prerequisite input", config.prerequisites),
+        )
+        for connection, label, mapping in kinds:
+            for name, dataset_type in mapping.items():
+                setattr(
+                    self,
+                    name,
+                    connection(
+                        doc=f"{label} {{{name}}} of the external program.",
+                        name=dataset_type,
+                        storageClass=config.storageClasses.get(name, STORAGE_CLASS_NAME),
+                        dimensions=dims(name),
+                        isCalibration=name in calibrations,
+                        deferLoad=True,
+                    ),
+                )
         for name, dataset_type in config.outputs.items():
             setattr(
                 self,
