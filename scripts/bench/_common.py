@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 ROOT = Path(__file__).resolve().parents[2]
 """The repository's top directory."""
@@ -220,6 +221,15 @@ def today() -> str:
 # -- docs/BENCHMARKS.md -------------------------------------------------------------------------
 
 
+def publish(name: str, body: str, no_docs: bool) -> None:
+    """Write ``body`` as section ``name`` of docs/BENCHMARKS.md, or only print it (``--no-docs``)."""
+    if no_docs:
+        print(body)
+    else:
+        replace_section(name, body)
+        print(f"Wrote the '{name}' section of {BENCHMARKS_MD}", flush=True)
+
+
 def replace_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     """Replace (or append) the section delimited by ``<!-- bench:name -->`` markers."""
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
@@ -233,6 +243,40 @@ def replace_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+# -- repositories -------------------------------------------------------------------------------
+
+INSTRUMENT = "BenchCam"
+
+
+def new_repo(repo: Path, datastore_root: str | None = None) -> Any:
+    """Make a repository of `ButlerfsFile` datasets holding instrument `INSTRUMENT`.
+
+    Returns the writeable Butler; ``datastore_root`` (e.g. an ``s3://`` URI) moves the
+    datastore out of the repository.
+    """
+    from lsst.daf.butler import Butler, Config
+
+    from butlerfs.formatter import storage_class_config
+
+    config = storage_class_config()
+    if datastore_root is not None:
+        config["datastore"]["root"] = datastore_root
+    # forceConfigRoot would put an outside datastore root back inside the repository.
+    Butler.makeRepo(str(repo), config=Config(config), forceConfigRoot=datastore_root is None)
+    butler = Butler.from_config(str(repo), writeable=True)
+    butler.registry.insertDimensionData(
+        "instrument", dict(name=INSTRUMENT, visit_max=10**7, visit_system=0, exposure_max=10**7,
+                           detector_max=1000, class_name="bench.BenchCam"),
+    )
+    return butler
+
+
+def write_random(stream: BinaryIO, mib: int) -> None:
+    """Write ``mib`` MiB of random bytes, one MiB at a time (incompressible, never cached)."""
+    for _ in range(mib):
+        stream.write(os.urandom(MIB))
 
 
 # -- mounts -------------------------------------------------------------------------------------

@@ -30,41 +30,26 @@ import psutil
 
 SECTION = "read"
 RUN = "bench/read"
-INSTRUMENT = "BenchCam"
+INSTRUMENT = c.INSTRUMENT
 DATASET_TYPE = "blob"
 READ_AHEADS = (128, 1024, 4096, 16384)
 
 
 def build_repo(root: Path, size_mib: int) -> Path:
     """Create a repository at ``root`` with one ``size_mib`` MiB artifact; return its path."""
-    from lsst.daf.butler import (
-        Butler,
-        Config,
-        DataCoordinate,
-        DatasetIdGenEnum,
-        DatasetRef,
-        DatasetType,
-        FileDataset,
-    )
+    from lsst.daf.butler import DataCoordinate, DatasetIdGenEnum, DatasetRef, DatasetType, FileDataset
 
-    from butlerfs.formatter import FileArtifactFormatter, storage_class_config
+    from butlerfs.formatter import FileArtifactFormatter
 
     c.remove_tree(root)
     root.mkdir(parents=True)
-    repo = root / "repo"
-    Butler.makeRepo(str(repo), config=Config(storage_class_config()))
-    butler = Butler.from_config(str(repo), writeable=True)
-    butler.registry.insertDimensionData(
-        "instrument", dict(name=INSTRUMENT, visit_max=10**7, visit_system=0, exposure_max=10**7,
-                           detector_max=1000, class_name="bench.BenchCam"),
-    )
+    butler = c.new_repo(root / "repo")
     dataset_type = DatasetType(DATASET_TYPE, ("instrument",), "ButlerfsFile", universe=butler.dimensions)
     butler.registry.registerDatasetType(dataset_type)
     butler.registry.registerRun(RUN)
     staged = root / "staged.fits"
     with open(staged, "wb") as stream:
-        for _ in range(size_mib):
-            stream.write(os.urandom(c.MIB))
+        c.write_random(stream, size_mib)
     data_id = DataCoordinate.standardize(instrument=INSTRUMENT, universe=butler.dimensions)
     ref = DatasetRef(dataset_type, data_id, run=RUN, id_generation_mode=DatasetIdGenEnum.DATAID_TYPE_RUN)
     butler.ingest(FileDataset(path=str(staged), refs=[ref], formatter=FileArtifactFormatter), transfer="move")
@@ -278,11 +263,7 @@ and of a single-threaded daemon, cold cache:
 **Conclusion.** {verdict} Among the read-ahead values tried, {best} KiB read fastest cold.{caution}
 Total benchmark time {time.perf_counter() - started:.0f} s.
 """
-    if args.no_docs:
-        print(body)
-    else:
-        c.replace_section(SECTION, body)
-        print(f"Wrote the '{SECTION}' section of {c.BENCHMARKS_MD}")
+    c.publish(SECTION, body, args.no_docs)
     print(main_table)
     print(variant_table)
     return 0

@@ -480,11 +480,7 @@ overlay mount and unmount, changed-file scan, manifest; the sandbox's start-up i
     body += f"""
 **Conclusion.** {conclusion} Total benchmark time {time.perf_counter() - started:.0f} s.
 """
-    if args.no_docs:
-        print(body)
-    else:
-        c.replace_section(SECTION, body)
-        print(f"Wrote the '{SECTION}' section of {c.BENCHMARKS_MD}")
+    c.publish(SECTION, body, args.no_docs)
     print(main_table)
     print(ratio_table)
     print(breakdown)

@@ -48,7 +48,7 @@ SECTION = "s3"
 BUCKET = "butlerfs-bench"
 PREFIX = "bench-s3"
 RUN = "bench/s3"
-INSTRUMENT = "BenchCam"
+INSTRUMENT = c.INSTRUMENT
 BIG = "bigFits"
 PART = "part"
 STATS_XATTR = "user.butlerfs.stats"
@@ -87,36 +87,20 @@ def write_fits(path: Path, mib: int) -> None:
     header["OBJECT"] = "butlerfs S3 benchmark"
     with open(path, "wb") as stream:
         stream.write(header.tostring().encode())
-        for _ in range(mib):
-            stream.write(os.urandom(c.MIB))
+        c.write_random(stream, mib)
         stream.write(b"\0" * ((-mib * c.MIB) % 2880))
 
 
 def build_repo(root: Path, big_mib: int, part_mib: int, parts: int) -> Repo:
     """Make a repository at ``root`` (registry local, datastore in the bucket)."""
-    from lsst.daf.butler import (
-        Butler,
-        Config,
-        DataCoordinate,
-        DatasetIdGenEnum,
-        DatasetRef,
-        DatasetType,
-        FileDataset,
-    )
+    from lsst.daf.butler import DataCoordinate, DatasetIdGenEnum, DatasetRef, DatasetType, FileDataset
 
-    from butlerfs.formatter import FileArtifactFormatter, storage_class_config
+    from butlerfs.formatter import FileArtifactFormatter
 
     c.remove_tree(root)
     root.mkdir(parents=True)
     repo = root / "repo"
-    config = storage_class_config()
-    config["datastore"]["root"] = f"s3://{BUCKET}/{PREFIX}/"
-    Butler.makeRepo(str(repo), config=Config(config), forceConfigRoot=False)
-    butler = Butler.from_config(str(repo), writeable=True)
-    butler.registry.insertDimensionData(
-        "instrument", dict(name=INSTRUMENT, visit_max=10**7, visit_system=0, exposure_max=10**7,
-                           detector_max=1000, class_name="bench.BenchCam"),
-    )
+    butler = c.new_repo(repo, datastore_root=f"s3://{BUCKET}/{PREFIX}/")
     butler.registry.insertDimensionData(
         "detector", *({"instrument": INSTRUMENT, "id": d, "full_name": f"D{d}"} for d in range(parts))
     )
@@ -143,8 +127,7 @@ def build_repo(root: Path, big_mib: int, part_mib: int, parts: int) -> Repo:
     for detector in range(parts):
         staged = root / f"part{detector}.bin"
         with open(staged, "wb") as stream:
-            for _ in range(part_mib):
-                stream.write(os.urandom(c.MIB))
+            c.write_random(stream, part_mib)
         part_refs.append(ref(PART, detector=detector))
         butler.ingest(FileDataset(path=str(staged), refs=[part_refs[-1]], formatter=FileArtifactFormatter),
                       transfer="move")
@@ -567,11 +550,7 @@ def main() -> int:
             (c.BENCH_DIR / "mnt-s3").rmdir()
     results.elapsed = time.perf_counter() - started
     body, tables = report(results)
-    if args.no_docs:
-        print(body)
-    else:
-        c.replace_section(SECTION, body)
-        say(f"Wrote the '{SECTION}' section of {c.BENCHMARKS_MD}")
+    c.publish(SECTION, body, args.no_docs)
     print("\n\n".join(tables))
     return 0
 

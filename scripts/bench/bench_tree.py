@@ -37,7 +37,7 @@ import psutil
 
 SECTION = "tree"
 RUN = "bench/tree"
-INSTRUMENT = "BenchCam"
+INSTRUMENT = c.INSTRUMENT
 DATASET_TYPE = "calexp"
 DETECTORS = 100
 BATCH = 20_000
@@ -55,17 +55,9 @@ def visits_for(n: int) -> list[int]:
 
 def build_repo(root: Path, n: int) -> dict[str, float]:
     """Create the repository at ``root / "repo"``; return the seconds each step took."""
-    from lsst.daf.butler import (
-        Butler,
-        Config,
-        DataCoordinate,
-        DatasetIdGenEnum,
-        DatasetRef,
-        DatasetType,
-        FileDataset,
-    )
+    from lsst.daf.butler import DataCoordinate, DatasetIdGenEnum, DatasetRef, DatasetType, FileDataset
 
-    from butlerfs.formatter import FileArtifactFormatter, storage_class_config
+    from butlerfs.formatter import FileArtifactFormatter
 
     steps: dict[str, float] = {}
     t = time.perf_counter()
@@ -79,12 +71,8 @@ def build_repo(root: Path, n: int) -> dict[str, float]:
 
     c.remove_tree(root)
     repo = root / "repo"
-    Butler.makeRepo(str(repo), config=Config(storage_class_config()))
-    butler = Butler.from_config(str(repo), writeable=True)
+    butler = c.new_repo(repo)
     registry = butler.registry
-    registry.insertDimensionData("instrument", dict(
-        name=INSTRUMENT, visit_max=10**7, visit_system=0, exposure_max=10**7, detector_max=1000,
-        class_name="bench.BenchCam"))
     registry.insertDimensionData("physical_filter", dict(instrument=INSTRUMENT, name="r_bench", band="r"))
     registry.insertDimensionData("day_obs", dict(instrument=INSTRUMENT, id=20240101))
     registry.insertDimensionData(
@@ -468,11 +456,7 @@ builds paths itself would reach them):
 
 **Conclusion.** {verdict}{caution} Total benchmark time {time.perf_counter() - started:.0f} s.
 """
-    if args.no_docs:
-        print(body)
-    else:
-        c.replace_section(SECTION, body)
-        print(f"Wrote the '{SECTION}' section of {c.BENCHMARKS_MD}")
+    c.publish(SECTION, body, args.no_docs)
     print(main_table)
     print(side_table)
     print(stale_table)
