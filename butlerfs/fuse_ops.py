@@ -15,9 +15,30 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import mfusepy
+from ctypes.util import find_library
 
-from .errors import FsError, read_only
+from .errors import FsError, UsageError, read_only
+
+
+def _pin_libfuse3() -> None:
+    # mfusepy looks for libfuse 2 first; where both are installed (s3fs, sshfs and
+    # AppImage support pull in libfuse2) it would silently run on 2, which never calls
+    # init_with_config (no kernel page cache, no read-ahead settings). The variable is
+    # read once, when mfusepy is imported; a user's own setting wins.
+    if os.environ.get("FUSE_LIBRARY_PATH") or os.environ.get("FUSE_LIBRARY_NAME"):
+        return
+    path = find_library("fuse3")
+    if path is None:
+        raise UsageError(
+            "libfuse 3 is not installed (only libfuse 2 or none was found): "
+            "install it (Debian: apt-get install fuse3 libfuse3-3)"
+        )
+    os.environ["FUSE_LIBRARY_PATH"] = path
+
+
+_pin_libfuse3()
+
+import mfusepy  # noqa: E402  (after the library is pinned)
 from .source import ButlerSource
 
 __all__ = ["ButlerFuse", "run_fuse"]
