@@ -204,7 +204,7 @@ def test_shell_command_and_environment():
     assert config.arguments() == ["prog {calexp} | gzip > cat.fits"]
     assert config.environment_variables() == {"A": "1", "B": "x=y"}
     argv = config.template().render({"calexp": "/a b.fits"}, {}, "/w")
-    assert argv == ["/bin/sh", "-c", "prog '/a b.fits' | gzip > cat.fits"]
+    assert argv == ["/bin/sh", "-c", 'prog "${1}" | gzip > cat.fits', "sh", "/a b.fits"]
 
 
 def fake_handle(uri: str | None, components: dict[str, str] | None = None):

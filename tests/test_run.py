@@ -105,10 +105,11 @@ def test_template_placeholders_anywhere_and_literal_braces():
     assert argv == ["prog", "/m/c a.fits[1]", "-x", "{a}_7", "/w/o"]
 
 
-def test_template_shell_quotes_every_substitution():
-    t = CommandTemplate.parse(["cat {img} | wc -c > n.txt; echo {{ok}}"], shell=True)
-    argv = t.render({"img": "/m/a b;rm -rf x.fits"}, {}, "/w")
-    assert argv == ["/bin/sh", "-c", "cat '/m/a b;rm -rf x.fits' | wc -c > n.txt; echo {ok}"]
+def test_template_shell_values_are_positional_parameters():
+    t = CommandTemplate.parse(['cat {img} | wc -c > n.txt; echo "{img} {{ok}} {dataId.visit}"'], shell=True)
+    argv = t.render({"img": "/m/a b;rm -rf x.fits"}, {"visit": 7}, "/w")
+    script = 'cat "${1}" | wc -c > n.txt; echo "${1} {ok} ${2}"'
+    assert argv == ["/bin/sh", "-c", script, "sh", "/m/a b;rm -rf x.fits", "7"]
 
 
 @pytest.mark.parametrize(

@@ -7,15 +7,23 @@ into the workspace.
 
 Steps: stage the inputs and mount the overlay; render the command; run it (in the sandbox if
 asked) with its console going to ``stdout.txt``/``stderr.txt``; unmount; list what it created
-or changed; match the declared outputs (exactly one file each); store them all at once. A
-non-zero exit, a signal, the timeout, a missing output or a failed store make the data ID
-fail; its workspace stays. When ``cancel`` is set (Ctrl-C) the program is stopped and nothing
-is stored.
+or changed; match the declared outputs (exactly one file each); claim them (regular files of
+the workspace only, moved out of the program's reach); store them all at once. A non-zero
+exit, a signal, the timeout, a missing or unsafe output, a modified ``direct`` input, a full
+workspace or a failed store make the data ID fail; its workspace stays. When ``cancel`` is set
+(Ctrl-C) the program is stopped and nothing is stored.
+
+``direct`` inputs are the repository's own files: each is fingerprinted before and after the
+program (identity, size, modification and change times, and a hash of its first and last
+MiB), so a program that edits one in place fails its data ID instead of changing the
+repository silently.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import logging
 import os
 import shutil
@@ -29,10 +37,10 @@ from butlerfs.errors import UsageError
 
 from .execute import ExecResult, execute, read_tail
 from .manifest import InputRecord, Manifest, OutputRecord, Status, now_iso
-from .outputs import MissingOutputError, OutputSpec, match_outputs
+from .outputs import MissingOutputError, OutputSpec, claim_outputs, match_outputs, release_outputs
 from .sandbox import bwrap_argv
 from .template import CommandTemplate
-from .workspace import InputFile, OverlayMode, Staging, Workspace
+from .workspace import InputFile, OverlayMode, Staging, StagingMode, Workspace
 
 __all__ = ["Job", "JobOptions", "StoreOutputs", "run_job"]
 
@@ -116,6 +124,70 @@ def _resolve_program(argv: list[str]) -> list[str]:
     return [found, *argv[1:]]
 
 
+_EDGE = 1 << 20
+"""Bytes hashed at each end of a ``direct`` input."""
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _fingerprint(path: str) -> tuple[object, ...]:
+    """Identity, size, times and a hash of both ends of a file; ``("missing",)`` if it is gone."""
+    try:
+        with open(path, "rb") as stream:
+            st = os.fstat(stream.fileno())
+            digest = hashlib.blake2b(stream.read(_EDGE), digest_size=16)
+            if st.st_size > _EDGE:
+                stream.seek(max(_EDGE, st.st_size - _EDGE))
+                digest.update(stream.read(_EDGE))
+    except OSError as err:
+        return ("missing", err.errno)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, digest.hexdigest())
+
+
+def _direct_fingerprints(staging: Staging) -> dict[str, tuple[object, ...]]:
+    return {s.name: _fingerprint(s.given) for s in staging.inputs if s.mode is StagingMode.DIRECT}
+
+
+def _modified_inputs(staging: Staging, before: dict[str, tuple[object, ...]]) -> str:
+    """Return the reason a data ID fails for a ``direct`` input the program changed, or ``""``."""
+    for item in staging.inputs:
+        if item.name in before and _fingerprint(item.given) != before[item.name]:
+            return (
+                f"input {item.name} ({item.dataset_type} {item.dataset_id}): the program modified the "
+                f"repository artifact {item.given}; stage it as a copy ({item.name}=TYPE:copy) or run "
+                "it in the sandbox"
+            )
+    return ""
+
+
+def space_left(path: str | os.PathLike[str]) -> str:
+    """Return the free space of the filesystem holding ``path``, for messages (``"12.0 KiB"``)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return "unknown"
+    free = float(st.f_bavail * st.f_frsize)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if free < 1024 or unit == "GiB":
+            return f"{free:.0f} bytes" if unit == "bytes" else f"{free:.1f} {unit}"
+        free /= 1024
+    return "unknown"
+
+
+def out_of_space(ws: Workspace) -> str:
+    """The reason of a data ID whose workspace filled up."""
+    return f"the workspace ran out of space ({ws.root}, {space_left(ws.root)} free)"
+
+
+def _is_full(ws: Workspace) -> bool:
+    """Whether the workspace's filesystem has (next to) no space or inodes left."""
+    try:
+        st = os.statvfs(ws.root)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _EDGE or (st.f_files > 0 and st.f_favail == 0)
+
+
 def _describe_failure(result: ExecResult, options: JobOptions, stderr: Path) -> tuple[Status, str]:
     if result.interrupted:
         return Status.INTERRUPTED, "interrupted (Ctrl-C): the program was stopped"
@@ -165,8 +237,10 @@ def run_job(
     )
     result: ExecResult | None = None
     staging: Staging | None = None
+    before: dict[str, tuple[object, ...]] = {}
     try:
         with ws.staged(job.inputs, options.overlay) as staging:
+            before = _direct_fingerprints(staging)
             manifest.overlay = str(staging.overlay)
             manifest.inputs = _input_records(staging)
             argv = job.template.render(staging.values, job.values, str(ws.merged))
@@ -200,27 +274,50 @@ def run_job(
                     cancel=cancel,
                     kill_grace=options.kill_grace,
                 )
-    except (OSError, ValueError, UsageError) as err:
-        manifest.reason = (
-            f"{type(err).__name__}: {err}" if not isinstance(err, FileNotFoundError) else str(err)
-        )
+    except OSError as err:
+        if err.errno in _NO_SPACE:
+            manifest.reason = out_of_space(ws)
+        elif isinstance(err, FileNotFoundError | PermissionError) and not err.filename:
+            manifest.reason = str(err)
+        else:
+            manifest.reason = f"{type(err).__name__}: {err}"
+        _LOG.warning("Data ID %s could not run: %s", job.data_id, manifest.reason)
+    except (ValueError, UsageError) as err:
+        manifest.reason = f"{type(err).__name__}: {err}"
         _LOG.warning("Data ID %s could not run: %s", job.data_id, manifest.reason)
     if result is not None:
         manifest.exit_code, manifest.signal = result.exit_code, result.signal
         manifest.wall_time, manifest.peak_rss = result.wall_time, result.peak_rss
         manifest.cpu_user, manifest.cpu_system = result.cpu_user, result.cpu_system
+        manifest.killed = result.killed
         if result.ok:
             manifest.status, manifest.reason = Status.OK, ""
         else:
             manifest.status, manifest.reason = _describe_failure(result, options, ws.stderr)
+            if _is_full(ws):
+                manifest.reason = f"{out_of_space(ws)}: {manifest.reason}"
     if staging is not None:
-        changed = ws.changed_files(staging)
-        matched: dict[str, str] = {}
-        if manifest.status is Status.OK and job.outputs:
-            matched = _harvest(job, manifest, changed, ws.changed_root(staging), store, cancel)
-        manifest.undeclared = [path for path in changed if path not in matched.values()]
+        modified = _modified_inputs(staging, before)
+        if modified:
+            manifest.status, manifest.reason = Status.FAILED, modified
+            _LOG.error("Data ID %s: %s", job.data_id, modified)
+        try:
+            changed = ws.changed_files(staging)
+            matched: dict[str, str] = {}
+            if manifest.status is Status.OK and job.outputs:
+                matched = _harvest(job, manifest, changed, ws, staging, store, cancel)
+            manifest.undeclared = [path for path in changed if path not in matched.values()]
+        except OSError as err:
+            if err.errno not in _NO_SPACE:
+                raise
+            manifest.status, manifest.reason = Status.FAILED, out_of_space(ws)
     manifest.finished = now_iso()
-    manifest.write(ws.manifest)
+    try:
+        manifest.write(ws.manifest)
+    except OSError as err:
+        if err.errno not in _NO_SPACE:
+            raise
+        _LOG.error("Data ID %s: %s; its manifest could not be written", job.data_id, out_of_space(ws))
     return manifest
 
 
@@ -228,12 +325,14 @@ def _harvest(
     job: Job,
     manifest: Manifest,
     changed: Sequence[str],
-    root: Path,
+    ws: Workspace,
+    staging: Staging,
     store: StoreOutputs | None,
     cancel: threading.Event | None,
 ) -> dict[str, str]:
-    """Match and store the outputs; on failure set the manifest's status and reason."""
+    """Match, claim and store the outputs; on failure set the manifest's status and reason."""
     assert store is not None
+    root = ws.changed_root(staging)
     try:
         matched = match_outputs(changed, job.outputs)
     except MissingOutputError as err:
@@ -245,11 +344,17 @@ def _harvest(
             "interrupted (Ctrl-C) before its outputs were stored",
         )
         return {}
-    files = {name: root / rel for name, rel in matched.items()}
+    try:
+        files = claim_outputs(root, matched, ws.claimed)
+    except MissingOutputError as err:
+        manifest.status, manifest.reason = Status.FAILED, str(err)
+        _LOG.error("Data ID %s: %s", job.data_id, err)
+        return {}
     try:
         ids = store(files)
     except Exception as err:  # the Butler's errors are many; none may stop the other data IDs
         _LOG.warning("Storing the outputs of %s failed: %s", job.data_id, err, exc_info=_LOG.isEnabledFor(10))
+        release_outputs((root / matched[name], path) for name, path in files.items() if path.exists())
         manifest.status, manifest.reason = Status.FAILED, f"storing outputs failed, none stored: {err}"
         return {}
     types = {spec.name: spec.dataset_type for spec in job.outputs}

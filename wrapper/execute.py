@@ -1,11 +1,12 @@
 """Run one program: console to files, timeout and cancellation of the whole tree, resources used.
 
-The program runs in a new session (its own process group), so a terminal's Ctrl-C reaches the
-runner only; the runner decides when children stop. Stopping means ``SIGTERM`` to the process
-group and to every descendant seen while it ran, then, after a grace period, ``SIGKILL``.
-Descendants still running when the program exits are stopped the same way, so nothing it
-started outlives it (a daemon that left the process tree before it was ever seen can escape;
-the sandbox's PID namespace catches those too).
+The program runs under `wrapper.reaper` (a child subreaper: every process the program starts,
+even a daemon that forked twice and left its session, stays its descendant) in a new session,
+so a terminal's Ctrl-C reaches the runner only; the runner decides when children stop.
+Stopping means ``SIGTERM`` to the reaper, which passes it to every descendant and sends
+``SIGKILL`` after the grace period. When the program exits, the reaper stops whatever it left
+running the same way and records it (`ExecResult.killed`); when the runner dies, even by
+``kill -9``, the parent-death signal makes the reaper kill the whole tree.
 
 Peak memory is the largest sum of the resident set sizes of the process and its descendants,
 sampled with `psutil` every 10 ms for the first 0.2 s, then every ``poll_interval``; at least
@@ -19,20 +20,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import select
 import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import psutil
 
 __all__ = ["ExecResult", "execute", "read_tail"]
 
 _LOG = logging.getLogger(__name__)
+
+REAPER = str(Path(__file__).with_name("reaper.py"))
+"""The child subreaper every program runs under (standard library only)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +66,10 @@ class ExecResult:
     peak_rss : `int`
         Peak resident memory of the whole process tree, in bytes.
     pid : `int`
-        Process ID of the program (or of the sandbox running it).
+        Process ID of the reaper running the program.
+    killed : `list` [`dict`]
+        Processes the program left running when it exited, stopped by the reaper
+        (``{"pid": ..., "command": ...}``).
     """
 
     argv: list[str]
@@ -71,6 +82,7 @@ class ExecResult:
     cpu_system: float
     peak_rss: int
     pid: int
+    killed: list[dict[str, object]] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -81,8 +93,9 @@ class ExecResult:
 class _Tree:
     """The processes of one execution: the root and every descendant seen."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, count_root: bool = True) -> None:
         self.pid = pid
+        self.count_root = count_root
         self.known: dict[int, psutil.Process] = {}
         with contextlib.suppress(psutil.Error):
             self.known[pid] = psutil.Process(pid)
@@ -103,6 +116,8 @@ class _Tree:
             members = [root, *root.children(recursive=True)]
         except psutil.Error:
             return 0
+        if not self.count_root:  # the reaper's own memory is not the program's
+            members = members[1:]
         total = largest = 0
         for proc in members:
             self.known.setdefault(proc.pid, proc)
@@ -192,18 +207,69 @@ def execute(
         Raised if the program cannot be started (not found, not executable).
     """
     argv = list(argv)
+    _check_executable(argv[0])
+    fd, record = tempfile.mkstemp(prefix="butlerfs-reaped-", suffix=".json")
+    os.close(fd)
     start = time.monotonic()
-    with open(stdout, "wb") as out, open(stderr, "wb") as err:
-        proc = subprocess.Popen(
-            argv,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            env=None if env is None else dict(env),
-            start_new_session=True,
+    try:
+        with open(stdout, "wb") as out, open(stderr, "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", REAPER, str(kill_grace), record, str(os.getpid()), "--", *argv],
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=None if env is None else dict(env),
+                start_new_session=True,
+            )
+        result = _supervise(proc, argv, start, timeout, cancel, kill_grace, poll_interval)
+        return dataclasses.replace(result, killed=_read_record(record, argv[0]))
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(record)
+
+
+def _check_executable(program: str) -> None:
+    """Raise what ``execve`` would, before the reaper starts (its failure would be an exit 127)."""
+    path = program if "/" in program else None
+    if path is None:
+        import shutil
+
+        path = shutil.which(program)
+        if path is None:
+            raise FileNotFoundError(f"program not found: {program} (not on PATH)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"program not found: {program}")
+    if not os.access(path, os.X_OK):
+        raise PermissionError(f"program is not executable: {program}")
+
+
+def _read_record(record: str, program: str) -> list[dict[str, object]]:
+    try:
+        with open(record) as stream:
+            killed = json.load(stream)
+    except (OSError, ValueError):
+        return []
+    if killed:
+        _LOG.warning(
+            "%s left %d process(es) running when it exited; stopped: %s",
+            program,
+            len(killed),
+            ", ".join(f"{k['pid']} ({k['command']})" for k in killed[:5]),
         )
-    tree = _Tree(proc.pid)
+    return killed
+
+
+def _supervise(
+    proc: subprocess.Popen[bytes],
+    argv: list[str],
+    start: float,
+    timeout: float | None,
+    cancel: threading.Event | None,
+    kill_grace: float,
+    poll_interval: float,
+) -> ExecResult:
+    tree = _Tree(proc.pid, count_root=False)
     pidfd = os.pidfd_open(proc.pid)
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
@@ -228,7 +294,10 @@ def execute(
                     )
                     tree.signal(signal.SIGTERM)
                     term_sent_at = now
-            elif now - term_sent_at > kill_grace:
+            elif now - term_sent_at > kill_grace + 2.0:
+                # The reaper should have killed everything by now: make sure, the hard way.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGUSR1)
                 tree.signal(signal.SIGKILL)
                 term_sent_at = float("inf")  # killed: just wait for the exit now
             deadline = poll_interval if now - start > 0.2 else min(poll_interval, 0.01)

@@ -99,6 +99,9 @@ class Manifest:
     undeclared : `list` [`str`]
         Files the program created or changed that no output claimed; they stay in the
         workspace (``upper/``, or ``merged/`` in links mode).
+    killed : `list` [`dict`]
+        Processes the program left running when it exited, stopped then
+        (``{"pid": ..., "command": ...}``).
     workspace : `str`
         The workspace directory.
     started, finished : `str`
@@ -122,6 +125,7 @@ class Manifest:
     inputs: list[InputRecord] = dataclasses.field(default_factory=list)
     outputs: list[OutputRecord] = dataclasses.field(default_factory=list)
     undeclared: list[str] = dataclasses.field(default_factory=list)
+    killed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     workspace: str = ""
     started: str = ""
     finished: str = ""

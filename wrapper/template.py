@@ -12,8 +12,12 @@ may stand anywhere inside an argument (``'{calexp}[1]'``):
 
 ``{{`` and ``}}`` stand for literal braces. Without a shell, each argument stays one argument
 whatever a substitution holds. With a shell (``shell=True``) the arguments are joined with
-spaces into one script for ``/bin/sh -c`` and every substitution is quoted with
-`shlex.quote`, so a path with spaces or ``;`` is one word.
+spaces into one script for ``/bin/sh -c``, and no value ever enters the script's text: each
+placeholder becomes a reference to a positional parameter (``"${1}"`` outside quotes,
+``${1}`` inside double quotes) and the values follow the script as ``sh -c SCRIPT sh V1 V2``.
+Whatever a value holds (quotes, ``$()``, backquotes, ``;``, a newline), the shell only ever
+expands it as a parameter, so the user's own quoting cannot undo the protection. A placeholder
+inside single quotes, where the shell expands nothing, is refused when the template is parsed.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import shlex
 from collections.abc import Collection, Mapping, Sequence
 
 from butlerfs.errors import UsageError
@@ -121,7 +124,10 @@ class CommandTemplate:
         """
         if not arguments or not arguments[0].strip():
             raise TemplateError("no program given: put it after --, e.g. -- source-extractor '{calexp}[1]'")
-        return cls(tuple(arguments), shell, tuple(_parse_argument(a) for a in arguments))
+        template = cls(tuple(arguments), shell, tuple(_parse_argument(a) for a in arguments))
+        if shell:
+            template._shell_script()  # a placeholder the shell would not expand fails now
+        return template
 
     @property
     def placeholders(self) -> frozenset[str]:
@@ -198,11 +204,96 @@ class CommandTemplate:
                 return inputs[name]
             raise TemplateError(f"undefined placeholder {{{name}}}")
 
-        quote = shlex.quote if self.shell else str
-        rendered = [
-            "".join(part if isinstance(part, str) else quote(value(part.name)) for part in arg)
-            for arg in self._parsed
-        ]
         if self.shell:
-            return [SHELL, "-c", " ".join(rendered)]
-        return rendered
+            script, names = self._shell_script()
+            return [SHELL, "-c", script, "sh", *(value(name) for name in names)]
+        return ["".join(p if isinstance(p, str) else value(p.name) for p in arg) for arg in self._parsed]
+
+    def _shell_script(self) -> tuple[str, list[str]]:
+        """Return the script with placeholders as positional parameters, and their names in order.
+
+        Raises
+        ------
+        TemplateError
+            Raised for a placeholder inside single quotes (or a comment), where the shell
+            would not expand a parameter.
+        """
+        parts: list[_Part] = []
+        for index, arg in enumerate(self._parsed):
+            if index:
+                parts.append(" ")
+            parts.extend(arg)
+        lexer = _ShellQuoting()
+        script: list[str] = []
+        numbers: dict[str, int] = {}
+        for part in parts:
+            if isinstance(part, str):
+                lexer.feed(part)
+                script.append(part)
+                continue
+            if lexer.state in ("'", "#"):
+                where = "inside single quotes" if lexer.state == "'" else "in a comment"
+                raise TemplateError(
+                    f"placeholder {{{part.name}}} is {where} in a shell command, where the shell "
+                    f'expands nothing: write it outside quotes or inside double quotes ("x={{{part.name}}}")'
+                )
+            number = numbers.setdefault(part.name, len(numbers) + 1)
+            script.append(f"${{{number}}}" if lexer.state == '"' else f'"${{{number}}}"')
+            lexer.feed("x")  # the reference is part of a word, as the value would be
+        return "".join(script), list(numbers)
+
+
+class _ShellQuoting:
+    """Tracks the POSIX shell's quoting context through a script, one piece at a time.
+
+    The state is the innermost context: ``""`` (unquoted, also inside ``$(...)`` and
+    backquotes), ``'`` (single quotes), ``"`` (double quotes) or ``#`` (a comment).
+    """
+
+    def __init__(self) -> None:
+        self._stack: list[str] = [""]
+        self._escaped = False
+        self._previous = " "
+
+    @property
+    def state(self) -> str:
+        return self._stack[-1]
+
+    def feed(self, text: str) -> None:
+        stack = self._stack
+        for char in text:
+            top, previous = stack[-1], self._previous
+            self._previous = char
+            if self._escaped:
+                self._escaped = False
+            elif top == "'":
+                if char == "'":
+                    stack.pop()
+            elif top == "#":
+                if char == "\n":
+                    stack.pop()
+            elif char == "\\":
+                self._escaped = True
+            elif top == '"':
+                if char == '"':
+                    stack.pop()
+                elif char == "(" and previous == "$":
+                    stack.append("(")
+                elif char == "`":
+                    stack.append("`")
+            elif char == "`":
+                if top == "`":
+                    stack.pop()
+                else:
+                    stack.append("`")
+            elif char in "'\"":
+                stack.append(char)
+            elif char == "(":
+                stack.append("(")
+            elif char == ")" and top == "(":
+                stack.pop()
+            elif char == "#" and previous in " \t\n;&|()":
+                stack.append("#")
+
+    def __repr__(self) -> str:
+        return f"_ShellQuoting({self._stack!r})"

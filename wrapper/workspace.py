@@ -7,6 +7,7 @@ A workspace directory holds::
     upper/      the overlay's upper layer: exactly what the program created or changed
     work/       the overlay's work directory
     merged/     the overlay: all input files side by side, writable; the program's cwd
+    outputs/    the declared outputs, moved here from upper/ once checked, before storing
     stdout.txt, stderr.txt, manifest.json
 
 Each lower layer holds one file with a unique name (butlerfs names are unique per dataset
@@ -284,6 +285,7 @@ class Workspace:
         self.upper = self.root / "upper"
         self.work = self.root / "work"
         self.merged = self.root / "merged"
+        self.claimed = self.root / "outputs"
         self.stdout = self.root / "stdout.txt"
         self.stderr = self.root / "stderr.txt"
         self.manifest = self.root / "manifest.json"
@@ -293,7 +295,7 @@ class Workspace:
         if os.path.ismount(self.merged):
             _LOG.warning("Unmounting a stale overlay at %s", self.merged)
             self._unmount(None)
-        for path in (self.lower, self.upper, self.work, self.merged):
+        for path in (self.lower, self.upper, self.work, self.merged, self.claimed):
             if path.is_symlink() or path.is_file():
                 path.unlink()
             elif path.exists():
