@@ -578,6 +578,12 @@ def test_core_modules_do_not_import_the_butler():
         }
         assert not any((m or "").startswith("lsst.daf.butler") for m in imported), name
         assert not imported & {"inputs", "harvest", "run", "wrapper.inputs", "wrapper.harvest"}, name
+    reaper = ast.parse((package / "reaper.py").read_text())  # runs as python -I -S: no site-packages
+    for node in ast.walk(reaper):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            for alias in node.names:
+                module = (node.module if isinstance(node, ast.ImportFrom) else alias.name) or ""
+                assert module.split(".")[0] in sys.stdlib_module_names, module
 
 
 def test_sandboxed_program_may_live_under_tmp_and_gets_a_private_tmpdir(repo, work, tmp_path):

@@ -113,7 +113,7 @@ class ExternalProgramConfig(PipelineTaskConfig, pipelineConnections=ExternalProg
         default="",
     )
     shell = Field[bool](
-        doc="Join the command into one /bin/sh -c script, quoting every substitution.",
+        doc="Run the command as one /bin/sh -c script; values reach it as positional parameters.",
         default=False,
     )
     outputGlobs = DictField[str, str](

@@ -287,7 +287,7 @@ def run_job(
         _LOG.warning("Data ID %s could not run: %s", job.data_id, manifest.reason)
     if result is not None:
         manifest.exit_code, manifest.signal = result.exit_code, result.signal
-        manifest.wall_time, manifest.peak_rss = result.wall_time, result.peak_rss
+        manifest.wall_time, manifest.peak_rss = result.wall_time, result.peak_rss or None
         manifest.cpu_user, manifest.cpu_system = result.cpu_user, result.cpu_system
         manifest.killed = result.killed
         if result.ok:
