@@ -8,14 +8,14 @@ saves a copy per request and releases the GIL during the read.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
-
 from ctypes.util import find_library
+from typing import Any
 
 from .errors import FsError, UsageError, read_only
 
@@ -39,11 +39,35 @@ def _pin_libfuse3() -> None:
 _pin_libfuse3()
 
 import mfusepy  # noqa: E402  (after the library is pinned)
-from .source import ButlerSource
 
-__all__ = ["ButlerFuse", "run_fuse"]
+from .source import ButlerSource  # noqa: E402
+
+__all__ = ["ButlerFuse", "libfuse_version", "run_fuse"]
 
 _LOG = logging.getLogger(__name__)
+
+
+def libfuse_version() -> str:
+    """Return the version of the libfuse mfusepy loaded (``3.14.0``), and check it is 3.
+
+    Raises
+    ------
+    UsageError
+        Raised when the library is libfuse 2 (a user's ``FUSE_LIBRARY_PATH`` or
+        ``FUSE_LIBRARY_NAME`` pointing at it).
+    """
+    lib = mfusepy._libfuse
+    version = f"{mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor}"
+    with contextlib.suppress(AttributeError):
+        lib.fuse_pkgversion.restype = ctypes.c_char_p
+        version = lib.fuse_pkgversion().decode()
+    if mfusepy.fuse_version_major != 3:
+        raise UsageError(
+            f"butlerfs needs libfuse 3, but {mfusepy._libfuse_path} is libfuse {version}: unset "
+            "FUSE_LIBRARY_PATH and FUSE_LIBRARY_NAME (or point them at libfuse3.so.3)"
+        )
+    return version
+
 
 # The size userspace buffers its reads by (Python's open, stdio). Kernel requests
 # to the daemon are sized by the kernel's read-ahead, not by this; a larger value
@@ -200,4 +224,7 @@ def run_fuse(
     }
     if allow_other:
         options["allow_other"] = True
+    version = libfuse_version()
+    source.runtime["libfuse"] = version
+    _LOG.info("Serving %s on libfuse %s (%s)", mountpoint, version, mfusepy._libfuse_path)
     _ZeroCopyFUSE(ButlerFuse(source, on_ready), mountpoint, **options)

@@ -119,6 +119,8 @@ class ButlerSource:
         self._next_handle = itertools.count(1)
         self._mounted_at = time.time()
         self._uid, self._gid = os.getuid(), os.getgid()
+        self.runtime: dict[str, str] = {}
+        """Facts about the serving process shown in the stats attribute (``libfuse``)."""
         self._root = Directory(
             None,
             children={name: Directory(info) for name, info in index.dataset_types.items()},
@@ -253,8 +255,8 @@ class ButlerSource:
     def attributes(self, node: Directory | File) -> Attributes:
         """Return the attributes of a node (as `listdir` gives them)."""
         if isinstance(node, File):
-            return Attributes(stat.S_IFREG | 0o444, node.size, node.dataset.ingest_date or self._mounted_at)
-        return Attributes(stat.S_IFDIR | 0o555, 0, self._mounted_at)
+            return Attributes(stat.S_IFREG | 0o644, node.size, node.dataset.ingest_date or self._mounted_at)
+        return Attributes(stat.S_IFDIR | 0o755, 0, self._mounted_at)
 
     @property
     def owner(self) -> tuple[int, int]:
@@ -265,7 +267,7 @@ class ButlerSource:
         """Return the extended attributes of a file; the root has the mount's counters."""
         node = self.lookup(path)
         if node is self._root:
-            return {STATS_XATTR: json.dumps(self._opener.stats()).encode()}
+            return {STATS_XATTR: json.dumps({**self._opener.stats(), **self.runtime}).encode()}
         if isinstance(node, Directory):
             return {}
         dataset = node.dataset

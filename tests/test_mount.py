@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DEFAULTS, require_tool
+from conftest import DEFAULTS, require, require_tool
 
 pytestmark = pytest.mark.fuse
 
@@ -42,9 +42,9 @@ def test_layout_visible_to_find_ls_stat(mounted, demo):
     calexps = _calexps(mounted)
     assert len(calexps) == demo.dataset_counts["calexp"]
     st = os.stat(calexps[0])
-    assert st.st_size > 0 and st.st_mode & 0o777 == 0o444
+    assert st.st_size > 0 and st.st_mode & 0o777 == 0o644
     assert st.st_mtime > 1.5e9  # the ingest date, not the epoch
-    assert os.stat(Path(mounted.mountpoint, "calexp")).st_mode & 0o777 == 0o555
+    assert os.stat(Path(mounted.mountpoint, "calexp")).st_mode & 0o777 == 0o755
 
 
 def test_bytes_equal_retrieve_artifacts(mounted, demo, tmp_path):
@@ -234,3 +234,26 @@ def test_dataset_ingested_while_mounted_appears_after_refresh(demo, mountpoint, 
     finally:
         butler.removeRuns([run])
         butler.registry.removeDatasetType("lateArrival")
+
+
+def test_runs_on_libfuse_3_and_says_so(mounted):
+    from butlerfs.mounting import _state_file
+
+    # libfuse2 is installed beside fuse3 by make setup: the pin must win over mfusepy's order.
+    stats = json.loads(os.getxattr(mounted.mountpoint, "user.butlerfs.stats"))
+    assert stats["libfuse"].startswith("3."), stats
+    log = Path(_state_file(mounted.mountpoint, "log")).read_text()
+    assert f"on libfuse {stats['libfuse']} (" in log and "libfuse3.so" in log
+
+
+def test_libfuse_2_is_refused_with_a_clear_message(tmp_path):
+    import sys
+    from ctypes.util import find_library
+
+    require(find_library("fuse") is not None, "libfuse2 (installed by make setup beside fuse3)")
+    code = "from butlerfs.fuse_ops import libfuse_version; libfuse_version()"
+    env = {**os.environ, "FUSE_LIBRARY_NAME": "fuse"}
+    env.pop("FUSE_LIBRARY_PATH", None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode != 0
+    assert "butlerfs needs libfuse 3, but libfuse.so.2 is libfuse 2." in result.stderr, result.stderr
