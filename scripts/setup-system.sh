@@ -13,6 +13,8 @@ needs=(
   sethead:wcstools
   fuse-overlayfs:fuse-overlayfs
   findmnt:util-linux
+  # setfacl: CI's user run gets search permission on the interpreter's directories (scripts/ci-as-user.sh).
+  setfacl:acl
   '/usr/lib/postgresql/*/bin/initdb:postgresql'
   '/usr/share/postgresql/*/extension/btree_gist.control:postgresql-contrib'
   # libfuse 2 beside libfuse 3, as on most desktops: the suite proves butlerfs still runs on 3.
