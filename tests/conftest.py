@@ -53,6 +53,59 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
 DEFAULTS = "LSSTCam-imSim/defaults"
 
 
+def _mount_points() -> list[str]:
+    with open("/proc/self/mountinfo") as info:
+        return [line.split()[4].encode().decode("unicode_escape") for line in info]
+
+
+def _leftover_processes(base: str) -> list:
+    """butlerfs daemons serving a mount under ``base``, and live descendants of this process."""
+    import psutil
+
+    me = psutil.Process()
+    found = {p.pid: p for p in me.children(recursive=True)}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "butlerfs.daemon" in cmdline and base in cmdline:
+            found[proc.pid] = proc
+    alive = []
+    for proc in found.values():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.Error:
+            pass
+    return alive
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fail the run if the tests left a mount under their temporary directory or a process.
+
+    What is found is cleaned up first (mounts detached, deepest first; processes killed by
+    PID), so one leak does not break the next run.
+    """
+    base = str(tmp_path_factory.getbasetemp())
+    yield
+    mounts = sorted((p for p in _mount_points() if p == base or p.startswith(base + "/")), reverse=True)
+    for point in mounts:
+        for argv in (["fusermount3", "-uz", point], ["umount", "-l", point]):
+            if subprocess.run(argv, capture_output=True).returncode == 0:
+                break
+    processes = _leftover_processes(base)
+    described = [f"{p.pid} ({' '.join(p.cmdline())[:120]})" for p in processes if p.is_running()]
+    for proc in processes:
+        try:
+            proc.kill()
+        except Exception:
+            pass
+    problems = [f"mounts: {', '.join(mounts)}"] if mounts else []
+    if described:
+        problems.append(f"processes: {'; '.join(described)}")
+    if problems:
+        pytest.fail("the tests left behind " + " and ".join(problems), pytrace=False)
+
+
 @pytest.fixture
 def mountpoint(tmp_path: Path) -> Iterator[Path]:
     """An empty directory, checked afterwards for a leftover mount."""
