@@ -28,6 +28,12 @@ def require(condition: bool, what: str) -> None:
     pytest.skip(f"prerequisite missing: {what}")
 
 
+def require_root(why: str) -> None:
+    """Skip a test that truly needs root (also in CI: the user run skips it, the root run runs it)."""
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root: {why} (the CI's root run covers it)")
+
+
 def require_tool(name: str) -> str:
     """Return the path of an executable, or skip/fail."""
     path = shutil.which(name)

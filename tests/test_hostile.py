@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import BIN, DEFAULTS, require_fuse, require_tool
+from conftest import BIN, DEFAULTS, require_fuse, require_root, require_tool
 
 pytestmark = pytest.mark.fuse
 
@@ -401,8 +401,7 @@ def test_pipeline_task_symlink_output_and_values(hostile_repo, tmp_path):
 @pytest.fixture
 def tiny_disk(tmp_path: Path):
     """A 2 MiB tmpfs (root only: an ordinary user cannot mount one)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root; the user case is the same code path")
+    require_root("an ordinary user cannot mount a tmpfs to fill (the same code path runs for users)")
     point = tmp_path / "tiny"
     point.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(point)], check=True)
@@ -427,3 +426,16 @@ def test_program_filling_the_workspace_is_a_clear_failure(repo, tiny_disk, tmp_p
     with open("/proc/self/mounts") as mounts:
         left = [line.split()[1] for line in mounts if str(work) in line.split()[1]]
     assert not left, left
+
+
+def test_peak_memory_of_a_short_program_is_caught(tmp_path):
+    import sys
+
+    from wrapper.execute import execute
+
+    # 64 MiB touched and gone in a few ms: too short for the samples, caught by wait4.
+    code = "b = bytearray(64 << 20); b[::4096] = b'x' * len(b[::4096])"
+    result = execute(
+        [sys.executable, "-I", "-S", "-c", code], cwd=tmp_path, stdout=tmp_path / "o", stderr=tmp_path / "e"
+    )
+    assert result.ok and result.peak_rss >= 64 << 20, result

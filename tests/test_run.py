@@ -183,7 +183,11 @@ def test_source_extractor_catalogs_ingested_read_back_and_resumed(repo, work, tm
         assert m["overlay"] in ("kernel", "fuse", "links") and m["sandbox"] is True
         assert m["argv"][0].endswith("source-extractor") and m["argv"][1].endswith(".fits[1]")
         assert m["sandbox_argv"][0].endswith("bwrap")
-        assert m["wall_time"] > 0 and m["peak_rss"] > 0 and m["cpu_user"] is not None
+        # A 10 ms, 10 MiB SExtractor may exit between two samples and below the reaper's own
+        # size (what wait4 can tell apart): its peak is then unknown, never a made-up number.
+        # tests/test_hostile.py::test_peak_memory_of_a_short_program_is_caught measures one.
+        assert m["wall_time"] > 0 and m["cpu_user"] is not None
+        assert m["peak_rss"] is None or m["peak_rss"] > 0
         (inp,) = m["inputs"]
         ref = butler.find_dataset(
             "calexp", instrument=INSTRUMENT, detector=detector, visit=visit, collections=DEFAULTS

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import require, require_fuse, require_tool, run_cli
+from conftest import require, require_fuse, require_root, require_tool, run_cli
 from s3server import ACCESS_KEY, MotoServer, Snapshot, TcpProxy, running
 from test_cli_errors import _assert_clean_error, _assert_not_mounted
 
@@ -596,7 +596,7 @@ def test_stalled_endpoint_gives_eio_within_the_timeout(
 @pytest.fixture
 def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs, unmounted afterwards."""
-    require(os.geteuid() == 0, "root, to mount a tmpfs")
+    require_root("an ordinary user cannot mount a tmpfs to fill")
     path = tmp_path / "tmpfs"
     path.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], check=True)

@@ -223,7 +223,12 @@ def execute(
                 start_new_session=True,
             )
         result = _supervise(proc, argv, start, timeout, cancel, kill_grace, poll_interval)
-        return dataclasses.replace(result, killed=_read_record(record, argv[0]))
+        killed, maxrss, inherited = _read_record(record, argv[0])
+        # wait4's peak counts what the fork inherited from the reaper (its size then, plus what it
+        # touched until the exec): only a clearly larger one is the program's own, and it
+        # catches programs too short for the samples.
+        peak = max(result.peak_rss, maxrss) if maxrss > inherited + (1 << 20) else result.peak_rss
+        return dataclasses.replace(result, killed=killed, peak_rss=peak)
     finally:
         with contextlib.suppress(OSError):
             os.remove(record)
@@ -244,12 +249,14 @@ def _check_executable(program: str) -> None:
         raise PermissionError(f"program is not executable: {program}")
 
 
-def _read_record(record: str, program: str) -> list[dict[str, object]]:
+def _read_record(record: str, program: str) -> tuple[list[dict[str, object]], int, int]:
+    """Return what the reaper stopped, the program's ``wait4`` peak and the reaper's own size."""
     try:
         with open(record) as stream:
-            killed = json.load(stream)
-    except (OSError, ValueError):
-        return []
+            data = json.load(stream)
+        killed, maxrss, inherited = list(data["killed"]), int(data["maxrss"]), int(data["inherited"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return [], 0, 0
     if killed:
         _LOG.warning(
             "%s left %d process(es) running when it exited; stopped: %s",
@@ -257,7 +264,7 @@ def _read_record(record: str, program: str) -> list[dict[str, object]]:
             len(killed),
             ", ".join(f"{k['pid']} ({k['command']})" for k in killed[:5]),
         )
-    return killed
+    return killed, maxrss, inherited
 
 
 def _supervise(

@@ -9,8 +9,10 @@ It makes itself a child subreaper (``PR_SET_CHILD_SUBREAPER``), so every process
 starts, even one that forks twice and calls ``setsid`` to become a daemon, stays among its
 descendants instead of being adopted by ``init``. It runs the program and, when the program
 exits, stops whatever is left (``SIGTERM``, ``SIGKILL`` after GRACE seconds), reaps it all,
-writes what it stopped to RECORD (JSON: ``[{"pid": ..., "command": ...}]``) and exits as the
-program did (the same status, or the same signal).
+writes to RECORD what it stopped and the program's peak memory (JSON: ``{"killed": [{"pid":
+..., "command": ...}], "maxrss": BYTES, "inherited": BYTES}``: ``maxrss`` from ``wait4``
+counts the reaper's own resident size at the fork, ``inherited``, as a floor) and exits as
+the program did (the same status, or the same signal).
 
 Signals: ``SIGTERM``, ``SIGINT`` or ``SIGHUP`` (the runner's timeout or Ctrl-C) go to every
 descendant, and GRACE seconds later ``SIGKILL`` does. ``SIGUSR1`` means "kill everything now";
@@ -63,6 +65,18 @@ def command(pid: int) -> str:
         return "?"
 
 
+def resident_size() -> int:
+    """Return the resident size of this process in bytes (``VmRSS``), 0 if unknown."""
+    try:
+        with open("/proc/self/status", "rb") as stream:
+            for line in stream:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 class Reaper:
     """The state of one execution: the program, what was stopped, and the kill deadline."""
 
@@ -71,6 +85,8 @@ class Reaper:
         self.me = os.getpid()
         self.main = 0
         self.stopped: dict[int, str] = {}
+        self.maxrss = 0
+        """Peak resident size of the program and the descendants it waited for (``wait4``)."""
 
     def signal_all(self, sig: int, record: bool = False) -> None:
         """Send ``sig`` to every live descendant; with ``record``, note those still running."""
@@ -99,11 +115,12 @@ class Reaper:
         status = None
         while True:
             try:
-                pid, wait_status = os.waitpid(-1, 0)
+                pid, wait_status, usage = os.wait4(-1, 0)
             except ChildProcessError:
                 return status
             if pid == self.main:
                 status = wait_status
+                self.maxrss = usage.ru_maxrss * 1024
                 # The program is gone: what it left behind is stopped now, and recorded.
                 self.terminate(record=True)
 
@@ -122,6 +139,7 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, lambda *_: reaper.terminate())
     if os.getppid() != parent:  # the runner died before the parent-death signal was set
         return 128 + signal.SIGKILL
+    inherited = resident_size()  # a forked child starts with this high-water mark
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     pid = os.fork()
     if pid == 0:
@@ -139,7 +157,8 @@ def main(argv: list[str]) -> int:
     signal.setitimer(signal.ITIMER_REAL, 0)
     try:
         with open(record, "w") as stream:
-            json.dump([{"pid": p, "command": c} for p, c in sorted(reaper.stopped.items())], stream)
+            killed = [{"pid": p, "command": c} for p, c in sorted(reaper.stopped.items())]
+            json.dump({"killed": killed, "maxrss": reaper.maxrss, "inherited": inherited}, stream)
     except OSError:
         pass
     if status is None:
