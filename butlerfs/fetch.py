@@ -265,6 +265,7 @@ class RemoteReader:
         self._next = 0
         self._window = 0
         self._reads = 0
+        self._run_start = 0
 
     def read_into(self, buffer: memoryview, offset: int) -> int:
         """Fill ``buffer`` from ``offset``; return the number of bytes read."""
@@ -276,12 +277,16 @@ class RemoteReader:
         fetcher = self._fetcher
         with self._lock:
             # The kernel's parallel read-ahead requests arrive slightly out of order.
-            if self._reads and abs(offset - self._next) <= _NEAR:
+            sequential = self._reads > 0 and abs(offset - self._next) <= _NEAR
+            if not sequential:
+                self._window, self._run_start = 0, offset
+            elif end - self._run_start > BLOCK_SIZE:
+                # Only a run longer than one block grows a window: with the kernel's default
+                # 128 KiB read-ahead (an unprivileged mount cannot raise it) a FITS header read
+                # arrives as two or three sequential requests inside the first block.
                 self._window = min(fetcher.max_window, max(BLOCK_SIZE, self._window * 2))
-            else:
-                self._window = 0
             self._reads += 1
-            self._next = max(self._next, end) if self._window else end
+            self._next = max(self._next, end) if sequential else end
             window = self._window
         if obj.size <= fetcher.small_object:
             fetcher.request(obj, 0, obj.blocks - 1)
