@@ -35,7 +35,19 @@ if TYPE_CHECKING:
     from .artifacts import ArtifactOpener
     from .fetch import Fetcher
 
-__all__ = ["Mount", "MountOptions", "mount", "preflight", "serve", "spawn", "unmount"]
+__all__ = [
+    "Mount",
+    "MountOptions",
+    "daemons_serving",
+    "mount",
+    "mounts_under",
+    "preflight",
+    "serve",
+    "spawn",
+    "unmount",
+    "unmount_all",
+    "unmount_under",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -67,6 +79,10 @@ class MountOptions:
     """Seconds after which a remote read that keeps failing returns EIO."""
     log_file: str | None = None
     log_level: str = "INFO"
+    watch_pid: int | None = None
+    """Unmount and exit when this process dies (``butlerfs run`` passes its own PID)."""
+    cleanup_under: str | None = None
+    """With ``watch_pid``: first unmount every overlay or FUSE mount under this directory."""
 
     def to_json(self) -> str:
         """Serialise for the daemon's command line."""
@@ -99,6 +115,129 @@ def _mounted_paths() -> set[str]:
             if len(fields) > 1:
                 paths.add(fields[1].encode().decode("unicode_escape"))
     return paths
+
+
+def _unescape(field: str) -> str:
+    r"""Decode the octal escapes (``\040``) of a ``/proc`` mount table field."""
+    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
+
+
+def mounts_under(directory: str) -> list[tuple[str, str]]:
+    """Return the overlay and FUSE mounts strictly under ``directory``, deepest and newest first.
+
+    Other filesystems (a tmpfs the user mounted there, say) are never listed: only what
+    butlerfs and its overlays mount.
+
+    Parameters
+    ----------
+    directory : `str`
+        A directory; the directory itself is not included.
+
+    Returns
+    -------
+    mounts : `list` [`tuple` [`str`, `str`]]
+        ``(mount point, filesystem type)`` in the order to unmount them.
+    """
+    prefix = os.path.realpath(directory).rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo") as table:
+        for order, line in enumerate(table):
+            fields = line.split()
+            if " - " not in line or len(fields) < 5:
+                continue
+            point = _unescape(fields[4])
+            kind = line.split(" - ", 1)[1].split()[0]
+            if point.startswith(prefix) and (kind == "overlay" or kind.startswith("fuse")):
+                found.append((point.count("/"), order, point, kind))
+    found.sort(reverse=True)
+    return [(point, kind) for _, _, point, kind in found]
+
+
+def _umount_point(point: str, kind: str, lazy: bool) -> str | None:
+    """Unmount one mount point; return `None` or why it failed."""
+    if kind.startswith("fuse"):
+        argv = [_fusermount(), "-uz" if lazy else "-u", point]
+    else:
+        argv = ["umount", "-l", point] if lazy else ["umount", point]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True)
+    except OSError as err:
+        return err.strerror
+    if result.returncode == 0:
+        return None
+    message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "unknown error"
+    if kind.startswith("fuse") and ("not connected" in message or "Transport endpoint" in message):
+        return _umount_point(point, kind, lazy=True) if not lazy else message
+    return message
+
+
+def unmount_under(directory: str, keep: Sequence[str] = (), busy_wait: float = 2.0) -> list[str]:
+    """Unmount every overlay and FUSE mount under ``directory``, deepest first.
+
+    Parameters
+    ----------
+    directory : `str`
+        The directory (itself never unmounted).
+    keep : `~collections.abc.Sequence` [`str`], optional
+        Mount points to leave alone (the caller's own mount).
+    busy_wait : `float`, optional
+        Seconds to retry a busy mount before detaching it (see `unmount_all`).
+
+    Returns
+    -------
+    cleared : `list` [`str`]
+        The mount points unmounted or detached.
+    """
+    kept = {os.path.realpath(point) for point in keep}
+    return unmount_all([m for m in mounts_under(directory) if m[0] not in kept], busy_wait)
+
+
+def unmount_all(mounts: Sequence[tuple[str, str]], busy_wait: float = 2.0) -> list[str]:
+    """Unmount ``(mount point, filesystem type)`` pairs in order, retrying busy ones.
+
+    A mount that stays busy for ``busy_wait`` seconds (a process still has its working
+    directory there) is detached lazily, so nothing stays in the way of a new run.
+
+    Returns
+    -------
+    cleared : `list` [`str`]
+        The mount points unmounted or detached.
+    """
+    left = list(mounts)
+    cleared: list[str] = []
+    deadline = time.monotonic() + busy_wait
+    while left:
+        lazy = time.monotonic() > deadline
+        failed = []
+        for point, kind in left:
+            problem = _umount_point(point, kind, lazy)
+            if problem is None or not _is_mounted(point):
+                cleared.append(point)
+            elif lazy:
+                _LOG.warning("Could not unmount %s: %s", point, problem)
+            else:
+                failed.append((point, kind))
+        if lazy:
+            break
+        if failed:
+            time.sleep(0.1)
+        left = failed
+    return cleared
+
+
+def daemons_serving(mountpoint: str) -> list[int]:
+    """Return the PIDs of this user's butlerfs daemons serving ``mountpoint``, dead mount or not."""
+    target = os.path.realpath(mountpoint)
+    found = []
+    for process in psutil.process_iter(["cmdline", "uids"]):
+        with contextlib.suppress(psutil.Error, ValueError, TypeError, KeyError):
+            argv = process.info["cmdline"] or []
+            if len(argv) < 2 or "butlerfs.daemon" not in argv[-2] or process.info["uids"].real != os.getuid():
+                continue
+            if os.path.realpath(json.loads(argv[-1])["mountpoint"]) == target:
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    found.append(process.pid)
+    return found
 
 
 def _is_mounted(mountpoint: str) -> bool:

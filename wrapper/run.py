@@ -11,6 +11,12 @@ no outputs: when its manifest says ``ok``); one that failed before is skipped to
 ``rerun_failed``. Ctrl-C (``SIGINT``, and ``SIGTERM`` while running in the main thread) stops
 the running programs, stores nothing half-done, unmounts everything and returns a summary
 marked interrupted.
+
+A run holds an exclusive lock on ``WORKDIR/.lock`` (``flock``, released by the kernel when the
+run dies) from `plan_run` to the end of `execute_plan`: a second run in the same work
+directory is refused at once. Having the lock, `plan_run` clears what a killed run left (its
+mount daemon, overlays, the ``.mnt`` mount); the run's mount daemon itself unmounts everything
+and exits when the run process dies.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
+import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -29,9 +37,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
+import psutil
+
 from butlerfs.errors import UsageError
 from butlerfs.layout import dataset_path, encode_value
-from butlerfs.mounting import Mount, mount
+from butlerfs.mounting import Mount, daemons_serving, mount, unmount_under
 
 from .core import Job, JobOptions, run_job
 from .harvest import ButlerHarvester, DataIdKey, TransferMode
@@ -49,7 +59,16 @@ from .manifest import Manifest, Status, now_iso
 from .outputs import OutputSpec
 from .sandbox import SandboxMode, resolve_sandbox
 from .template import CommandTemplate
-from .workspace import InputFile, OverlayMode, StagingMode, Workspace, probe_overlay, workspace_dir
+from .workspace import (
+    InputFile,
+    OverlayMode,
+    StagingMode,
+    Workspace,
+    free_space,
+    out_of_space_message,
+    probe_overlay,
+    workspace_dir,
+)
 
 __all__ = ["Plan", "Result", "RunOptions", "RunSummary", "execute_plan", "plan_run", "run"]
 
@@ -57,6 +76,10 @@ _LOG = logging.getLogger(__name__)
 
 MOUNT_DIR = ".mnt"
 """The butlerfs mount serving the inputs, inside the work directory."""
+LOCK_FILE = ".lock"
+"""Held (``flock``) by the run using the work directory; holds its PID."""
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclasses.dataclass
@@ -200,6 +223,14 @@ class Plan:
     job_options: JobOptions
     harvester: ButlerHarvester | None
     done: set[DataIdKey]
+    lock: int | None = None
+    """Descriptor holding the work directory's lock; `release` closes it."""
+
+    def release(self) -> None:
+        """Release the work directory's lock (`execute_plan` does it when it finishes)."""
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
 
 def _size(n: int) -> str:
@@ -225,6 +256,78 @@ def _check_program(template: CommandTemplate) -> CommandTemplate:
     if shutil.which(program) is None:
         raise UsageError(f"program not found: {program} is not on PATH")
     return template
+
+
+def _workdir_error(workdir: Path, err: OSError, what: str = "cannot use") -> str:
+    """The one-line reason a work directory is unusable."""
+    if err.errno in _NO_SPACE:
+        return (
+            f"the work directory {workdir} ran out of space ({free_space(workdir)} free): "
+            "free some space or give another --workdir"
+        )
+    return f"{what} work directory {workdir}: {err.strerror or err}"
+
+
+def _lock_workdir(workdir: Path) -> int:
+    """Take the work directory's lock; return its descriptor (not inherited by children).
+
+    Raises
+    ------
+    UsageError
+        When another live run holds it, or the lock file cannot be written.
+    """
+    path = workdir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise UsageError(_workdir_error(workdir, err)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = "?"
+        with contextlib.suppress(OSError, ValueError):
+            holder = str(int(os.pread(fd, 32, 0).decode().strip()))
+        os.close(fd)
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise UsageError(_workdir_error(workdir, err)) from None
+        raise UsageError(
+            f"another butlerfs run (pid {holder}) is using work directory {workdir}: "
+            "wait for it to finish or give another --workdir"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as err:
+        os.close(fd)
+        raise UsageError(_workdir_error(workdir, err)) from None
+    return fd
+
+
+def _clear_stale(workdir: Path, wait: float = 30.0) -> None:
+    """Clear what a killed run left in ``workdir``: its mount daemon, overlays and ``.mnt``.
+
+    Only called with the lock held, so nothing here belongs to a live run.
+    """
+    daemons = daemons_serving(str(workdir / MOUNT_DIR))
+    cleared = unmount_under(str(workdir))
+    # A dead run's daemon may still be cleaning up: it must be gone before this run mounts
+    # anything, or it could unmount this run's mounts too.
+    processes = []
+    for pid in daemons:
+        with contextlib.suppress(psutil.Error):
+            processes.append(psutil.Process(pid))
+    _, alive = psutil.wait_procs(processes, timeout=wait)
+    for process in alive:
+        _LOG.warning("Mount daemon %d of a previous run did not exit: killing it", process.pid)
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=wait)
+    cleared += unmount_under(str(workdir))
+    if cleared or daemons:
+        names = ", ".join(os.path.relpath(point, workdir) for point in cleared) or "no mount"
+        _LOG.warning(
+            "Cleared what a killed run left in %s: %d daemon(s), unmounted %s", workdir, len(daemons), names
+        )
 
 
 def plan_run(options: RunOptions) -> Plan:
@@ -279,17 +382,26 @@ def plan_run(options: RunOptions) -> Plan:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UsageError(f"cannot create work directory {workdir}: {err.strerror}") from None
-    wanted = OverlayMode(options.overlay)
-    overlay, problems = probe_overlay(workdir, wanted)
-    if wanted is not OverlayMode.AUTO and overlay is not wanted:
-        raise UsageError(f"--overlay {wanted} does not work in {workdir}: {problems}")
-    if problems:
-        _LOG.info("Overlay mode %s (%s)", overlay, problems)
-    done: set[DataIdKey] = set()
-    if harvester is not None:
-        harvester.prepare()
-        done = harvester.done()
+        raise UsageError(_workdir_error(workdir, err, "cannot create")) from None
+    lock = _lock_workdir(workdir)
+    try:
+        _clear_stale(workdir)
+        wanted = OverlayMode(options.overlay)
+        try:
+            overlay, problems = probe_overlay(workdir, wanted)
+        except OSError as err:
+            raise UsageError(_workdir_error(workdir, err)) from None
+        if wanted is not OverlayMode.AUTO and overlay is not wanted:
+            raise UsageError(f"--overlay {wanted} does not work in {workdir}: {problems}")
+        if problems:
+            _LOG.info("Overlay mode %s (%s)", overlay, problems)
+        done: set[DataIdKey] = set()
+        if harvester is not None:
+            harvester.prepare()
+            done = harvester.done()
+    except BaseException:
+        os.close(lock)
+        raise
     job_options = JobOptions(
         overlay=overlay,
         sandbox=sandbox,
@@ -297,7 +409,7 @@ def plan_run(options: RunOptions) -> Plan:
         timeout=options.timeout,
         kill_grace=options.kill_grace,
     )
-    return Plan(options, inputs, outputs, template, units, workdir, job_options, harvester, done)
+    return Plan(options, inputs, outputs, template, units, workdir, job_options, harvester, done, lock)
 
 
 def _skip(plan: Plan, unit: Unit, ws: Workspace) -> Result | None:
@@ -436,6 +548,13 @@ def execute_plan(plan: Plan, on_result: Callable[[Result], None] | None = None) 
     summary : `RunSummary`
         Results in data ID order; ``interrupted`` after Ctrl-C.
     """
+    try:
+        return _execute_plan(plan, on_result)
+    finally:
+        plan.release()
+
+
+def _execute_plan(plan: Plan, on_result: Callable[[Result], None] | None) -> RunSummary:
     start = time.monotonic()
     results: dict[DataIdKey, Result] = {}
     report = on_result or (lambda result: None)
@@ -493,7 +612,14 @@ def _execute(
             point = plan.workdir / MOUNT_DIR
             point.mkdir(exist_ok=True)
             mounted = stack.enter_context(
-                mount(plan.options.repo, str(point), list(plan.options.collections), mounted_types)
+                mount(
+                    plan.options.repo,
+                    str(point),
+                    list(plan.options.collections),
+                    mounted_types,
+                    watch_pid=os.getpid(),
+                    cleanup_under=str(plan.workdir),
+                )
             )
         pool = stack.enter_context(
             concurrent.futures.ThreadPoolExecutor(
@@ -507,9 +633,27 @@ def _execute(
                 return Result(Manifest(unit.required, Status.SKIPPED, reason, workspace=str(ws.root)), False)
             try:
                 return _run_unit(plan, unit, ws, mounted, cancel)
-            except Exception as err:  # a bug must not take the other data IDs down
-                _LOG.exception("Data ID %s: internal error", unit.required)
-                return Result(Manifest(unit.required, Status.FAILED, f"internal error: {err!r}"), False)
+            except OSError as err:
+                if err.errno not in _NO_SPACE:
+                    return internal_error(unit, err)
+                manifest = Manifest(
+                    unit.required,
+                    Status.FAILED,
+                    out_of_space_message(err.filename or ws.root),
+                    workspace=str(ws.root),
+                )
+                manifest.started = manifest.finished = now_iso()
+                _LOG.error("Data ID %s: %s", unit.required, manifest.reason)
+                with contextlib.suppress(OSError):  # the disk is full: the manifest may not fit
+                    manifest.write(ws.manifest)
+                return Result(manifest, False)
+            except Exception as err:
+                return internal_error(unit, err)
+
+        def internal_error(unit: Unit, err: Exception) -> Result:
+            # A bug must not take the other data IDs down.
+            _LOG.error("Data ID %s: internal error", unit.required, exc_info=err)
+            return Result(Manifest(unit.required, Status.FAILED, f"internal error: {err!r}"), False)
 
         futures = {pool.submit(task, unit, ws): unit for unit, ws in todo}
         pending = set(futures)

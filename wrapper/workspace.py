@@ -53,7 +53,9 @@ __all__ = [
     "Staging",
     "StagingMode",
     "Workspace",
+    "free_space",
     "glob_match",
+    "out_of_space_message",
     "probe_overlay",
     "workspace_dir",
 ]
@@ -149,6 +151,41 @@ class Staging:
     def values(self) -> dict[str, str]:
         """The placeholder value of each input by name."""
         return {i.name: i.given for i in self.inputs}
+
+
+def out_of_space_message(path: str | os.PathLike[str]) -> str:
+    """Return ``the workspace ran out of space (<path>, <free> free)`` for an ENOSPC/EDQUOT.
+
+    Parameters
+    ----------
+    path : path-like
+        A path on the full filesystem (need not exist: its nearest existing parent is used).
+
+    Returns
+    -------
+    message : `str`
+        The reason, with the space left for this user (``?`` when it cannot be read).
+    """
+    return f"the workspace ran out of space ({path}, {free_space(path)} free)"
+
+
+def free_space(path: str | os.PathLike[str]) -> str:
+    """Return the space left for this user on the filesystem of ``path`` (``1.2 MiB``; ``?``)."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return "?"
+    return _human(st.f_bavail * st.f_frsize)
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def workspace_dir(root: str | os.PathLike[str], data_id: Iterable[tuple[str, DataIdValue]]) -> Path:
