@@ -40,7 +40,7 @@ from .manifest import InputRecord, Manifest, OutputRecord, Status, now_iso
 from .outputs import MissingOutputError, OutputSpec, claim_outputs, match_outputs, release_outputs
 from .sandbox import bwrap_argv
 from .template import CommandTemplate
-from .workspace import InputFile, OverlayMode, Staging, StagingMode, Workspace
+from .workspace import InputFile, OverlayMode, Staging, StagingMode, Workspace, out_of_space_message
 
 __all__ = ["Job", "JobOptions", "StoreOutputs", "run_job"]
 
@@ -160,25 +160,6 @@ def _modified_inputs(staging: Staging, before: dict[str, tuple[object, ...]]) ->
     return ""
 
 
-def space_left(path: str | os.PathLike[str]) -> str:
-    """Return the free space of the filesystem holding ``path``, for messages (``"12.0 KiB"``)."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return "unknown"
-    free = float(st.f_bavail * st.f_frsize)
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if free < 1024 or unit == "GiB":
-            return f"{free:.0f} bytes" if unit == "bytes" else f"{free:.1f} {unit}"
-        free /= 1024
-    return "unknown"
-
-
-def out_of_space(ws: Workspace) -> str:
-    """The reason of a data ID whose workspace filled up."""
-    return f"the workspace ran out of space ({ws.root}, {space_left(ws.root)} free)"
-
-
 def _is_full(ws: Workspace) -> bool:
     """Whether the workspace's filesystem has (next to) no space or inodes left."""
     try:
@@ -276,7 +257,7 @@ def run_job(
                 )
     except OSError as err:
         if err.errno in _NO_SPACE:
-            manifest.reason = out_of_space(ws)
+            manifest.reason = out_of_space_message(ws.root)
         elif isinstance(err, FileNotFoundError | PermissionError) and not err.filename:
             manifest.reason = str(err)
         else:
@@ -295,7 +276,7 @@ def run_job(
         else:
             manifest.status, manifest.reason = _describe_failure(result, options, ws.stderr)
             if _is_full(ws):
-                manifest.reason = f"{out_of_space(ws)}: {manifest.reason}"
+                manifest.reason = f"{out_of_space_message(ws.root)}: {manifest.reason}"
     if staging is not None:
         modified = _modified_inputs(staging, before)
         if modified:
@@ -310,14 +291,16 @@ def run_job(
         except OSError as err:
             if err.errno not in _NO_SPACE:
                 raise
-            manifest.status, manifest.reason = Status.FAILED, out_of_space(ws)
+            manifest.status, manifest.reason = Status.FAILED, out_of_space_message(ws.root)
     manifest.finished = now_iso()
     try:
         manifest.write(ws.manifest)
     except OSError as err:
         if err.errno not in _NO_SPACE:
             raise
-        _LOG.error("Data ID %s: %s; its manifest could not be written", job.data_id, out_of_space(ws))
+        _LOG.error(
+            "Data ID %s: %s; its manifest could not be written", job.data_id, out_of_space_message(ws.root)
+        )
     return manifest
 
 
