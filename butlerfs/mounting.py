@@ -384,6 +384,7 @@ def serve(options: MountOptions, on_mounted: Callable[[], None] | None = None) -
     def on_ready() -> None:
         threading.Thread(target=after_mount, name="butlerfs-ready", daemon=True).start()
 
+    log_start = _log_size(options.log_file)
     try:
         run_fuse(
             source,
@@ -393,9 +394,52 @@ def serve(options: MountOptions, on_mounted: Callable[[], None] | None = None) -
             allow_other=options.allow_other,
         )
     except RuntimeError as err:
-        raise UsageError(
-            f"could not mount {options.mountpoint} (libfuse error {err}): see the log for libfuse's message"
-        ) from None
+        raise UsageError(_mount_failure(options, str(err), _log_since(options.log_file, log_start))) from None
+
+
+_HINTS = (
+    ("user_allow_other", "add user_allow_other to /etc/fuse.conf (as root), or mount without --allow-other"),
+    (
+        "failed to open /dev/fuse",
+        "/dev/fuse is not usable by you: ask your administrator to make it 0666, as Debian does",
+    ),
+    ("fusermount", "check that fusermount3 is installed setuid root (Debian: apt-get install fuse3)"),
+    (
+        "Operation not permitted",
+        "this machine does not let users mount FUSE filesystems: ask your administrator",
+    ),
+)
+"""Fixes for libfuse's and fusermount3's messages, first match wins."""
+
+
+def _log_size(log_file: str | None) -> int:
+    try:
+        return os.path.getsize(log_file) if log_file else 0
+    except OSError:
+        return 0
+
+
+def _log_since(log_file: str | None, offset: int) -> list[str]:
+    """Lines libfuse or fusermount3 wrote to the daemon's stderr (its log) since ``offset``."""
+    if not log_file:
+        return []
+    with contextlib.suppress(OSError), open(log_file, "rb") as stream:
+        stream.seek(offset)
+        text = stream.read(65536).decode(errors="replace")
+        return [
+            line.strip()
+            for line in text.splitlines()
+            if line.strip().startswith(("fuse:", "fusermount", "fuse-")) or "fusermount" in line
+        ]
+    return []
+
+
+def _mount_failure(options: MountOptions, code: str, said: list[str]) -> str:
+    """One line: libfuse's own words, the fix when known, and where the log is."""
+    cause = "; ".join(dict.fromkeys(said)) or f"libfuse error {code}, no message"
+    hint = next((fix for needle, fix in _HINTS if needle in cause), "")
+    where = f" (log: {options.log_file})" if options.log_file else ""
+    return f"could not mount {options.mountpoint}: {cause}" + (f": {hint}" if hint else "") + where
 
 
 def _read_ready_line(fd: int, process: subprocess.Popen[bytes], timeout: float) -> str:

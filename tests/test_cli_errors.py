@@ -136,3 +136,21 @@ def test_butler_plugin_offers_the_commands():
         [str(Path(os.sys.executable).parent / "butler"), "mount", "--help"], capture_output=True, text=True
     )
     assert mount_help.returncode == 0 and "--collections" in mount_help.stdout
+
+
+def test_fusermount_refusal_quotes_its_words_the_fix_and_the_log(demo, mountpoint, fuse_ok):
+    if os.geteuid() == 0:
+        pytest.skip("root may always use allow_other: the CI's user run checks the refusal")
+    with open("/etc/fuse.conf") as conf:
+        if any(line.strip() == "user_allow_other" for line in conf):
+            pytest.skip("this machine allows allow_other to users (user_allow_other in /etc/fuse.conf)")
+    result = run_cli("mount", demo.root, str(mountpoint), "-c", DEFAULTS, "--allow-other")
+    _assert_clean_error(
+        result,
+        "fusermount3: option allow_other only allowed if 'user_allow_other' is set in /etc/fuse.conf",
+        "add user_allow_other to /etc/fuse.conf",
+        "(log: /",
+    )
+    log = result.stderr.rsplit("(log: ", 1)[1].split(")")[0]
+    assert os.path.exists(log)
+    _assert_not_mounted(mountpoint)
