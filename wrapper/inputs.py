@@ -1,11 +1,13 @@
 """Which executions to run: data IDs from the first input, the other inputs by the same data ID.
 
 The data IDs are those of the first input's datasets, found (find-first) in the collections
-and constrained by ``--where``. Every other input is looked up with the same data ID, as
-butler does it: a non-calibration dataset type find-first in the collections (one query per
-input for all data IDs), a calibration dataset type through the CALIBRATION collections by
-the validity range that overlaps the exposure's or visit's timespan
-(``butler.find_dataset(..., timespan=...)`` per data ID).
+and constrained by ``--where``: exactly those ``butler query-datasets --find-first`` lists,
+with the dimension records that exist (a missing ``visit_detector_region`` loses nothing).
+Every other input is looked up with the same data ID, as butler does it: a non-calibration
+dataset type find-first in the collections (one query per input for all data IDs), a
+calibration dataset type through the CALIBRATION collections by the validity range that
+overlaps the exposure's or visit's timespan (``butler.find_dataset(..., timespan=...)`` per
+data ID).
 
 Everything here runs before any program does, so every mistake is reported first.
 """
@@ -24,6 +26,8 @@ from lsst.daf.butler import (
     DataCoordinate,
     DatasetRef,
     DatasetType,
+    DimensionDataAttacher,
+    DimensionGroup,
     MissingDatasetTypeError,
 )
 
@@ -104,7 +108,8 @@ class Unit:
     Attributes
     ----------
     data_id : `lsst.daf.butler.DataCoordinate`
-        The first input's data ID, expanded (implied dimensions and records).
+        The first input's data ID, expanded: implied dimensions and the records that exist
+        (`None` for an absent one, e.g. a visit without ``visit_detector_region`` rows).
     refs : `dict` [`str`, `lsst.daf.butler.DatasetRef`]
         The dataset of each input found, by input name.
     uris : `dict` [`str`, `str`]
@@ -197,16 +202,7 @@ def find_units(
                 "put the input with the most dimensions first"
             )
     try:
-        refs = butler.query_datasets(
-            first,
-            collections,
-            where=where,
-            find_first=True,
-            with_dimension_records=True,
-            order_by=list(first.dimensions.required),
-            limit=None,
-            explain=False,
-        )
+        refs = _query_first(butler, first, collections, where)
     except Exception as err:  # the Butler raises many types for a bad expression
         if type(err).__name__ in ("InvalidQueryError", "UserExpressionError", "UserExpressionSyntaxError"):
             raise UsageError(f"invalid --where {where!r}: {err}") from None
@@ -226,6 +222,65 @@ def find_units(
     _attach_uris(butler, specs, units)
     _LOG.info("%d data IDs from %s", len(units), specs[0].dataset_type)
     return first, units
+
+
+def _query_first(
+    butler: Butler, first: DatasetType, collections: Sequence[str], where: str
+) -> list[DatasetRef]:
+    """The first input's datasets, find-first, in data ID order, each with the records that exist.
+
+    A query with dimension records joins every record table of the data ID, so a dataset whose
+    data ID lacks one (a visit without ``visit_detector_region`` rows: hand-built repositories,
+    external instruments) would vanish from it, while ``butler query-datasets`` lists it. An
+    exact count without records (one SQL ``COUNT``) tells whether anything was dropped; only
+    then are all datasets fetched again and the dropped ones expanded in bulk with the records
+    there are.
+    """
+    with butler.query() as query:
+        results = query.datasets(first, collections, find_first=True)
+        if where:
+            results = results.where(where)
+        results = results.order_by(*first.dimensions.required)
+        expanded = list(results.with_dimension_records())
+        total = results.count(exact=True, discard=True)
+        if total == len(expanded):
+            return expanded
+        plain = list(results)
+    by_id = {ref.id: ref for ref in expanded}
+    dropped = [ref for ref in plain if ref.id not in by_id]
+    if dropped:
+        for ref, data_id in zip(dropped, _expand_partially(butler, first.dimensions, dropped), strict=True):
+            by_id[ref.id] = ref.expanded(data_id)
+    return [by_id[ref.id] for ref in plain]
+
+
+def _expand_partially(
+    butler: Butler, dimensions: DimensionGroup, refs: Sequence[DatasetRef]
+) -> list[DataCoordinate]:
+    """Attach the dimension records that exist to the refs' full data IDs, `None` for the others.
+
+    One query per dimension element for all refs (daf_butler's attacher, which tolerates
+    missing records but leaves them out of the mapping; `DataCoordinate.expanded` wants every
+    element, `None` marking an absent record).
+    """
+    attacher = DimensionDataAttacher(dimensions=dimensions)
+    with butler.query() as query:
+        attached = attacher.attach(dimensions, [ref.dataId for ref in refs], query)
+    result = []
+    absent: dict[str, int] = {}
+    for ref, with_records in zip(refs, attached, strict=True):
+        records = {name: with_records.records.get(name) for name in dimensions.elements}
+        for name, record in records.items():
+            if record is None:
+                absent[name] = absent.get(name, 0) + 1
+        result.append(ref.dataId.expanded(records))
+    _LOG.info(
+        "%d %s data IDs lack dimension records (%s); they run with the records that exist",
+        len(refs),
+        refs[0].datasetType.name,
+        ", ".join(f"{name}: {count}" for name, count in sorted(absent.items())) or "none",
+    )
+    return result
 
 
 def _find_calibrations(
