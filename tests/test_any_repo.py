@@ -147,21 +147,25 @@ def test_pipetask_run_then_readers(plain, scratch):
     # before it imports the formatter the record names, so it cannot know ButlerfsFile.
     bare = read_back(root, "imageSize", "u/t/pipetask", env, "")
     assert isinstance(bare, subprocess.CompletedProcess) and "KeyError: 'ButlerfsFile'" in bare.stderr
-    # The butler command knows it (its butlerfs plugin imports the formatter).
-    listed = ok(
-        run(
-            "butler",
-            "retrieve-artifacts",
-            str(root),
-            str(root.parent / "out") + "/",
-            "-d",
-            "imageSize",
-            "--collections",
-            "u/t/pipetask",
-            env=env,
-        )
-    )
-    assert "2" in listed.stdout and len(list((root.parent / "out").rglob("*.txt"))) == 2
+    # The butler command knows it (its butlerfs plugin imports the formatter): copying the outputs
+    # to another plain repository registers their dataset type there.
+    other = root.parent / "other"
+    ok(run("butler", "create", str(other), env=env))
+    transfer = [
+        "transfer-datasets",
+        str(root),
+        str(other),
+        "--collections",
+        "u/t/pipetask",
+        "-d",
+        "imageSize",
+    ]
+    moved = ok(run("butler", *transfer, "--register-dataset-types", "--transfer", "copy", env=env))
+    assert "transferred: 2" in moved.stdout
+    from lsst.daf.butler import Butler
+
+    (run_name,) = Butler.from_config(str(other)).collections.query("u/t/pipetask/*")
+    assert read_back(other, "imageSize", run_name, env, "import butlerfs.formatter") == expected(sizes)
 
 
 def test_setup_repo_serves_plain_readers(plain, scratch, tmp_path):
