@@ -225,3 +225,33 @@ def test_butlerfs_run_put(plain, scratch, tmp_path):
     )
     ok(result)
     assert read_back(root, "runSize", "u/t/run", env, "import butlerfs.formatter") == expected(sizes)
+
+
+def test_bps_parsl_local_site(plain, scratch, tmp_path):
+    """BPS: the graph built in ``bps submit``, jobs ``pipetask run-qbb``, the final transfer job."""
+    root, sizes, pipeline = plain
+    config = tmp_path / "bps.yaml"
+    config.write_text(
+        f"""\
+pipelineYaml: {pipeline}
+wmsServiceClass: lsst.ctrl.bps.parsl.ParslService
+computeSite: local
+site:
+  local:
+    class: lsst.ctrl.bps.parsl.sites.Local
+    cores: 2
+payload:
+  payloadName: size
+  butlerConfig: {root}
+  inCollection: {COLLECTION}
+  dataQuery: "instrument = 'Cam'"
+  output: u/t/bps
+submitPath: {tmp_path}/submit/{{outputRun}}
+finalJob:
+  requestCpus: 1
+"""
+    )
+    ok(run("bps", "submit", str(config), env=environment(scratch), cwd=tmp_path))
+    assert read_back(root, "imageSize", "u/t/bps", environment(scratch), "import butlerfs.formatter") == (
+        expected(sizes)
+    )
