@@ -276,6 +276,23 @@ def demo_repo_command(
     click.echo(f"  collections: {', '.join(summary.collections)}")
 
 
+@click.command("setup-repo")
+@click.argument("repo")
+@_user_errors
+def setup_repo_command(repo: str) -> None:
+    """Add the ButlerfsFile storage class and formatter to REPO's butler.yaml.
+
+    Then any process reads butlerfs outputs (butler.get) without importing butlerfs; the wrapper
+    task and butlerfs run need nothing of the repository.
+    """
+    from .formatter import setup_repo
+
+    if setup_repo(repo):
+        click.echo(f"{repo}: butler.yaml now defines the ButlerfsFile storage class and formatter")
+    else:
+        click.echo(f"{repo}: butler.yaml already defines the ButlerfsFile storage class and formatter")
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -542,8 +559,13 @@ main.add_command(umount_command)
 main.add_command(demo_repo_command)
 main.add_command(cache_group)
 main.add_command(run_command)
+main.add_command(setup_repo_command)
 
 
 def butler_plugin_commands() -> list[click.Command]:
     """Return the commands ``butler`` gains through the ``butler.cli`` entry point."""
+    # Every butler subcommand (transfer-from-graph, retrieve-artifacts...) then knows ButlerfsFile
+    # on any repository; the butler command has imported daf_butler already.
+    from . import formatter  # noqa: F401
+
     return [mount_command, umount_command, run_command]

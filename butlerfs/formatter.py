@@ -8,9 +8,14 @@ by external programs, so it brings its own pair:
 * `FileArtifactFormatter`, which "reads" by returning the artifact's URI (no bytes are read) and
   "writes" by copying the file a `~lsst.resources.ResourcePath` points to into the datastore.
 
-Storage classes are not stored in the registry, so every process that opens the repository needs the
-same configuration: `storage_class_config` gives the snippet to merge into a repository's ``butler.yaml``
-(or a file on ``DAF_BUTLER_CONFIG_PATH``).
+Storage classes and formatters are not stored in the registry: daf_butler takes them from the
+repository's ``butler.yaml``, ``DAF_BUTLER_CONFIG_PATH`` and its own package configs, with no hook for
+other packages.  So that the project's datasets work on any repository, importing this module makes
+both known to daf_butler in this process (`install`) as fallbacks that the configuration overrides,
+the way ``lsst.pipe.base.tests.mocks`` makes its mock storage classes known.  The wrapper task, the
+``butlerfs`` and ``butler`` commands import it; any other reader needs ``import butlerfs.formatter``
+before ``butler.get``, or `storage_class_config` in the repository's ``butler.yaml`` (``butlerfs
+setup-repo``), or `write_config_dir` output on ``DAF_BUTLER_CONFIG_PATH``.
 """
 
 from __future__ import annotations
@@ -22,14 +27,25 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lsst.daf.butler import FormatterV2, Location
+from lsst.daf.butler import (
+    Config,
+    Formatter,
+    FormatterFactory,
+    FormatterV2,
+    Location,
+    LookupKey,
+    StorageClass,
+    StorageClassFactory,
+)
 from lsst.daf.butler.datastore.cache_manager import AbstractDatastoreCacheManager
 from lsst.resources import ResourcePath, ResourcePathExpression
 
 __all__ = [
     "STORAGE_CLASS_NAME",
     "FileArtifactFormatter",
+    "install",
     "put_source_extension",
+    "setup_repo",
     "storage_class_config",
     "write_config_dir",
 ]
@@ -250,3 +266,129 @@ def write_config_dir(directory: str | os.PathLike[str]) -> Path:
     (path / "storageClasses.yaml").write_text(yaml.safe_dump({"storageClasses": config["storageClasses"]}))
     (path / "datastore.yaml").write_text(yaml.safe_dump({"datastore": config["datastore"]}))
     return path
+
+
+def setup_repo(repo: ResourcePathExpression) -> bool:
+    """Add `storage_class_config` to a repository's ``butler.yaml``.
+
+    Parameters
+    ----------
+    repo : `lsst.resources.ResourcePathExpression`
+        The repository's root (or its ``butler.yaml``).
+
+    Returns
+    -------
+    changed : `bool`
+        `False` if ``butler.yaml`` already defined ``ButlerfsFile`` and its formatter.
+
+    Raises
+    ------
+    butlerfs.errors.UsageError
+        Raised if there is no ``butler.yaml`` there, or it cannot be written.
+
+    Notes
+    -----
+    Every process opening the repository then knows the storage class without importing butlerfs:
+    a plain reader's ``butler.get``, a ``RemoteButler`` server.  Entries already there win.
+    """
+    from .errors import UsageError
+
+    uri = ResourcePath(repo, forceDirectory=None)
+    if uri.isdir():
+        uri = uri.join("butler.yaml")
+    if not uri.exists():
+        raise UsageError(f"no butler.yaml at {uri}: give a repository's root")
+    # A raw Config (not ButlerConfig): it merges no defaults, so only the file's own entries
+    # are written back.
+    config = Config(uri)
+    snippet = storage_class_config()
+    missing = {
+        ("storageClasses", STORAGE_CLASS_NAME): snippet["storageClasses"][STORAGE_CLASS_NAME],
+        ("datastore", "formatters", STORAGE_CLASS_NAME): snippet["datastore"]["formatters"][
+            STORAGE_CLASS_NAME
+        ],
+    }
+    missing = {key: value for key, value in missing.items() if key not in config}
+    if not missing:
+        return False
+    for key, value in missing.items():
+        config[key] = value
+    try:
+        config.dumpToUri(uri, overwrite=True)
+    except OSError as err:
+        raise UsageError(f"cannot write {uri}: {err.strerror or err}") from None
+    return True
+
+
+_PATCHED = "_butlerfs_fallback"
+"""Attribute marking the daf_butler methods `install` has wrapped (an import may run twice)."""
+
+
+def _names_file_storage_class(entity: Any) -> bool:
+    """Whether a formatter lookup entity is, or has, the ``ButlerfsFile`` storage class."""
+    if isinstance(entity, str):
+        return entity == STORAGE_CLASS_NAME
+    return any(key.name == STORAGE_CLASS_NAME for key in entity._lookupNames())
+
+
+def install() -> None:
+    """Make ``ButlerfsFile`` and `FileArtifactFormatter` known to daf_butler in this process.
+
+    Notes
+    -----
+    Wraps ``StorageClassFactory.getStorageClass`` and the ``FormatterFactory`` lookups so that, when
+    the configuration does not name them, ``ButlerfsFile`` resolves to the definition of
+    `storage_class_config` and its datasets to `FileArtifactFormatter`.  This affects every Butler
+    of the process, those made before the call included (a ``pipetask`` makes its Butler before it
+    imports the task), and changes nothing for repositories whose configuration has them (a
+    per-dataset-type ``extension`` parameter still comes from there).  Called on import of this
+    module; idempotent.
+    """
+    original_get = StorageClassFactory.getStorageClass
+    if getattr(original_get, _PATCHED, False):
+        return
+
+    def get_storage_class(self: StorageClassFactory, storageClassName: str) -> StorageClass:  # noqa: N803
+        try:
+            return original_get(self, storageClassName)
+        except KeyError:
+            if storageClassName != STORAGE_CLASS_NAME:
+                raise
+            # Through the config machinery, so that the definition equals the one a repository's
+            # butler.yaml makes (a plain StorageClass differs in its delegate: a later Butler of
+            # such a repository would refuse it).
+            self.addFromConfig(Config({"storageClasses": storage_class_config()["storageClasses"]}))
+            return original_get(self, storageClassName)
+
+    original_class_with_match = FormatterFactory.getFormatterClassWithMatch
+
+    def get_formatter_class_with_match(
+        self: FormatterFactory, entity: Any
+    ) -> tuple[LookupKey, type[Formatter | FormatterV2], dict[str, Any]]:
+        try:
+            return original_class_with_match(self, entity)
+        except KeyError:
+            if not _names_file_storage_class(entity):
+                raise
+            return LookupKey(name=STORAGE_CLASS_NAME), FileArtifactFormatter, {}
+
+    original_with_match = FormatterFactory.getFormatterWithMatch
+
+    def get_formatter_with_match(
+        self: FormatterFactory, entity: Any, *args: Any, **kwargs: Any
+    ) -> tuple[LookupKey, Formatter | FormatterV2]:
+        try:
+            return original_with_match(self, entity, *args, **kwargs)
+        except KeyError:
+            if not _names_file_storage_class(entity):
+                raise
+            return LookupKey(name=STORAGE_CLASS_NAME), FileArtifactFormatter(*args, **kwargs)
+
+    for function in (get_storage_class, get_formatter_class_with_match, get_formatter_with_match):
+        setattr(function, _PATCHED, True)
+    StorageClassFactory.getStorageClass = get_storage_class  # type: ignore[method-assign]
+    FormatterFactory.getFormatterClassWithMatch = get_formatter_class_with_match  # type: ignore[method-assign]
+    FormatterFactory.getFormatterWithMatch = get_formatter_with_match  # type: ignore[method-assign]
+
+
+install()

@@ -30,14 +30,11 @@ from lsst.daf.butler import (
     DimensionGroup,
     FileDataset,
     MissingDatasetTypeError,
-    StorageClass,
-    StorageClassFactory,
 )
 from lsst.daf.butler.registry import MissingCollectionError
-from lsst.resources import ResourcePath
 
 from butlerfs.errors import UsageError
-from butlerfs.formatter import STORAGE_CLASS_NAME, FileArtifactFormatter, put_source_extension
+from butlerfs.formatter import STORAGE_CLASS_NAME, FileArtifactFormatter, install, put_source_extension
 
 from .outputs import OutputSpec
 
@@ -64,33 +61,33 @@ class TransferMode(enum.StrEnum):
 
 
 def ensure_file_storage_class(butler: Butler, *, put: bool) -> None:
-    """Make ``ButlerfsFile`` known to this process when the repository's config lacks it.
+    """Make ``ButlerfsFile`` and its formatter known to this process, whatever the repository's config.
 
     Parameters
     ----------
     butler : `lsst.daf.butler.Butler`
         The writeable Butler.
     put : `bool`
-        Also register the formatter with the datastore (``put`` needs it; ingest passes the
+        Whether the outputs go through ``put`` (which needs the formatter; ingest passes the
         formatter per file).
 
     Notes
     -----
-    Storage classes live in configuration, not in the registry: other processes need the
-    snippet of `butlerfs.formatter.storage_class_config` in the repository's ``butler.yaml``
-    (or on ``DAF_BUTLER_CONFIG_PATH``) for ``butler.get`` of these datasets.
+    `butlerfs.formatter.install` (run on import) already did it for every Butler of the process;
+    this says, once, what other processes need when the repository's config lacks the storage
+    class: storage classes live in configuration, not in the registry, so a reader's
+    ``butler.get`` of these datasets needs ``import butlerfs.formatter`` first (or ``butlerfs
+    setup-repo`` of the repository).
     """
-    factory = StorageClassFactory()
-    if STORAGE_CLASS_NAME not in factory:
-        _LOG.warning(
-            "The repository's config does not define the %s storage class; registering it for this "
-            "process (add butlerfs.formatter.storage_class_config() to butler.yaml for butler.get)",
-            STORAGE_CLASS_NAME,
-        )
-        factory.registerStorageClass(StorageClass(STORAGE_CLASS_NAME, pytype=ResourcePath))
+    install()
     formatters = getattr(getattr(butler, "_datastore", None), "formatterFactory", None)
-    if put and formatters is not None and STORAGE_CLASS_NAME not in formatters:
-        formatters.registerFormatter(STORAGE_CLASS_NAME, FileArtifactFormatter)
+    if formatters is not None and STORAGE_CLASS_NAME not in formatters:
+        _LOG.info(
+            "The repository's config does not name the %s storage class%s: readers of the outputs "
+            "need 'import butlerfs.formatter' before butler.get, or 'butlerfs setup-repo' of the repository",
+            STORAGE_CLASS_NAME,
+            " (butler.put uses butlerfs's formatter)" if put else "",
+        )
 
 
 class ButlerHarvester:
