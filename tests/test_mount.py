@@ -28,7 +28,11 @@ def _calexps(m) -> list[Path]:
     return sorted(Path(m.mountpoint, "calexp").glob("instrument_*/detector_*/visit_*/calexp_*.fits"))
 
 
-def test_layout_visible_to_find_ls_stat(mounted, demo):
+# The tests taking mounted_any / any_demo run once per registry database (SQLite, PostgreSQL).
+
+
+def test_layout_visible_to_find_ls_stat(mounted_any, any_demo):
+    mounted, demo = mounted_any, any_demo
     top = sorted(os.listdir(mounted.mountpoint))
     assert {"calexp", "raw", "bias", "flat"} <= set(top)
     found = subprocess.run(
@@ -47,7 +51,8 @@ def test_layout_visible_to_find_ls_stat(mounted, demo):
     assert os.stat(Path(mounted.mountpoint, "calexp")).st_mode & 0o777 == 0o755
 
 
-def test_bytes_equal_retrieve_artifacts(mounted, demo, tmp_path):
+def test_bytes_equal_retrieve_artifacts(mounted_any, any_demo, tmp_path):
+    mounted, demo = mounted_any, any_demo
     out = tmp_path / "retrieved"
     out.mkdir()
     for dataset_type in ("calexp", "raw", "bias"):
@@ -164,7 +169,8 @@ def test_writes_fail_with_erofs(mounted):
         assert info.value.errno == errno.EROFS, info.value
 
 
-def test_zip_and_disassembled_datasets_are_readable(mounted, demo):
+def test_zip_and_disassembled_datasets_are_readable(mounted_any):
+    mounted = mounted_any
     from astropy.io import fits
 
     for dataset_type in (ZIPPED, DISASSEMBLED):
@@ -201,7 +207,8 @@ def test_concurrent_readers_get_the_right_bytes(mounted):
         assert all(pool.map(read, paths * 2))
 
 
-def test_dataset_ingested_while_mounted_appears_after_refresh(demo, mountpoint, tmp_path):
+def test_dataset_ingested_while_mounted_appears_after_refresh(any_demo, mountpoint, tmp_path):
+    demo = any_demo
     from conftest import require_fuse
     from lsst.daf.butler import Butler, DatasetType
 
