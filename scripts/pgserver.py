@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import glob
 import os
 import pwd
@@ -74,6 +75,19 @@ def _service_account() -> pwd.struct_passwd | None:
         with contextlib.suppress(KeyError):
             return pwd.getpwnam(name)
     raise RuntimeError("running as root, but neither a 'postgres' nor a 'nobody' account exists")
+
+
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    """In the server's process, before exec: shut down at once (SIGQUIT) if this Python dies.
+
+    A test run killed by a timeout or SIGKILL skips every cleanup; this keeps it from leaving
+    a server running. It runs after the switch to the server's account, which would clear it.
+    """
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGQUIT, 0, 0, 0)
 
 
 class PostgresServer:
@@ -186,7 +200,9 @@ class PostgresServer:
         for key, value in settings.items():
             argv += ["-c", f"{key}={value}"]
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=log, **self._popen_args())
+            self.process = subprocess.Popen(
+                argv, stdout=log, stderr=log, preexec_fn=_die_with_parent, **self._popen_args()
+            )
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
