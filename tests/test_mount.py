@@ -51,8 +51,7 @@ def test_layout_visible_to_find_ls_stat(mounted_any, any_demo):
     assert os.stat(Path(mounted.mountpoint, "calexp")).st_mode & 0o777 == 0o755
 
 
-def test_bytes_equal_retrieve_artifacts(mounted_any, any_demo, tmp_path):
-    mounted, demo = mounted_any, any_demo
+def test_bytes_equal_retrieve_artifacts(mounted, demo, tmp_path):
     out = tmp_path / "retrieved"
     out.mkdir()
     for dataset_type in ("calexp", "raw", "bias"):

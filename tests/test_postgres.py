@@ -72,25 +72,32 @@ def running_after(faulty: Faulty) -> Iterator[Faulty]:
         faulty.server.start()
 
 
-def _tree(root: str) -> dict[str, tuple[int, str]]:
-    """Every file of a mount: relative path -> (size, dataset ID)."""
+def _walk(source, path: str = "/") -> dict[str, tuple[int, str]]:
+    """Every file of a source, as a mount lists it: path -> (size, dataset ID)."""
+    from butlerfs.source import File
+
     found = {}
-    for path in sorted(Path(root).rglob("*")):
-        if path.is_file():
-            dataset_id = os.getxattr(path, "user.butler.dataset_id").decode()
-            found[str(path.relative_to(root))] = (path.stat().st_size, dataset_id)
+    for name, node in source.listdir(path):
+        child = f"{path.rstrip('/')}/{name}"
+        if isinstance(node, File):
+            found[child] = (node.size, str(node.dataset.id))
+        else:
+            found.update(_walk(source, child))
     return found
 
 
-def test_postgresql_registry_shows_what_sqlite_shows(demo, demo_pg, tmp_path):
-    require_fuse()
+def test_postgresql_registry_shows_what_sqlite_shows(demo, demo_pg):
+    from butlerfs.registry import RepoIndex
+    from butlerfs.source import ButlerSource
+
     assert "postgresql://" in (Path(demo_pg.root) / "butler.yaml").read_text()
     trees = []
-    for name, repo in (("sqlite", demo), ("postgresql", demo_pg)):
-        point = tmp_path / name
-        point.mkdir()
-        with butlerfs.mount(repo.root, str(point), collections=[DEFAULTS]) as m:
-            trees.append(_tree(m.mountpoint))
+    for repo in (demo, demo_pg):
+        source = ButlerSource(RepoIndex(repo.root, [DEFAULTS]))
+        try:
+            trees.append(_walk(source))
+        finally:
+            source.close()
     # Same seed, same UUIDv5 dataset IDs, same bytes: only the registry database differs.
     assert trees[0] == trees[1]
     assert len(trees[0]) > sum(demo.dataset_counts.values())
@@ -104,8 +111,12 @@ def test_demo_repo_refuses_an_existing_namespace(faulty, tmp_path):
     _assert_clean_error(result, f"namespace {namespace}", "exists", "--force")
     assert PASSWORD not in result.stderr, "the password must not be printed"
     assert not (tmp_path / "other").exists()
-    bad = run_cli("demo-repo", str(tmp_path / "other"), "--registry", faulty.url, "--namespace", "a;b")
-    _assert_clean_error(bad, "namespace 'a;b'", "letters, digits and underscores")
+    from butlerfs.demo import make_demo_repo
+    from butlerfs.errors import UsageError
+
+    with pytest.raises(UsageError, match="letters, digits and underscores"):
+        make_demo_repo(str(tmp_path / "other"), registry=faulty.url, namespace='a"; DROP SCHEMA x; --')
+    assert not (tmp_path / "other").exists()
 
 
 def test_unreachable_registry_is_one_line_for_mount_run_and_prefetch(running_after, mountpoint, tmp_path):
@@ -127,19 +138,25 @@ def test_unreachable_registry_is_one_line_for_mount_run_and_prefetch(running_aft
 
 def test_wrong_credentials_database_or_namespace_are_one_line(faulty, mountpoint, tmp_path):
     require_fuse()
+    from butlerfs.errors import UsageError
+    from butlerfs.registry import RepoIndex
+
+    repo = faulty.variant(tmp_path / "password", f":{PASSWORD}@", ":wrong@")
+    result = run_cli("mount", repo, str(mountpoint), "-c", DEFAULTS, "--log-file", str(tmp_path / "d.log"))
+    reason = 'password authentication failed for user "butlerfs"'
+    _assert_clean_error(result, f"cannot reach the registry at {faulty.location}: {reason}")
+    assert "wrong" not in result.stderr and PASSWORD not in result.stderr
+    _assert_not_mounted(mountpoint)
+    # The same translation, in-process (the mount's daemon runs exactly this).
     cases = {
-        "password": (f":{PASSWORD}@", ":wrong@", 'password authentication failed for user "butlerfs"'),
-        "database": ("/faults\n", "/nodb\n", 'database "nodb" does not exist'),
-        "namespace": ("namespace: demo_", "namespace: nosuch_", 'butler_attributes" does not exist'),
+        "database": ("/faults\n", "/nodb\n", 'reach the registry at {}: database "nodb" does not exist'),
+        "namespace": ("namespace: demo_", "namespace: nosuch_", 'use the registry at {}: relation "nosuch_'),
     }
-    for name, (old, new, reason) in cases.items():
-        repo = faulty.variant(tmp_path / name, old, new)
-        result = run_cli(
-            "mount", repo, str(mountpoint), "-c", DEFAULTS, "--log-file", str(tmp_path / "d.log")
-        )
-        _assert_clean_error(result, f"the registry at {faulty.location}: ", reason)
-        assert "wrong" not in result.stderr and PASSWORD not in result.stderr
-        _assert_not_mounted(mountpoint)
+    for name, (old, new, expected) in cases.items():
+        with pytest.raises(UsageError) as info:
+            RepoIndex(faulty.variant(tmp_path / name, old, new), [DEFAULTS])
+        message = str(info.value)
+        assert message.startswith("cannot " + expected.format(faulty.location)) and "\n" not in message
 
 
 def test_missing_driver_names_the_extra(faulty, tmp_path):
