@@ -193,7 +193,7 @@ class RepoIndex:
         self.where = where
         self._lock = threading.Lock()
         self._butler = open_butler(repo)
-        self._location = registry_location(repo)
+        self._location = ""  # for messages; read from the configuration at the first fault
         self._down_since: float | None = None
         with _opening(repo):
             self.collections = check_collections(self._butler, repo, collections)
@@ -275,6 +275,7 @@ class RepoIndex:
             except sqlalchemy.exc.DBAPIError as err:
                 if not _is_unreachable(err):
                     raise
+                self._location = self._location or registry_location(self.repo)
                 message = f"cannot reach the registry at {self._location}: {_reason(err)}"
                 if self._down_since is None:
                     self._down_since = time.monotonic()
@@ -448,7 +449,7 @@ def database_errors(where: Callable[[], str]) -> Iterator[None]:
             "run CREATE EXTENSION btree_gist; in it as its owner"
         ) from None
     except ImportError as err:
-        if err.name not in ("psycopg", "psycopg2"):
+        if err.name != "psycopg":
             raise
         raise UsageError(
             f"the registry at {where()} is PostgreSQL, which needs psycopg 3: "

@@ -119,6 +119,16 @@ def test_demo_repo_refuses_an_existing_namespace(faulty, tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_database_without_btree_gist_is_named(faulty, tmp_path):
+    from butlerfs.demo import make_demo_repo
+    from butlerfs.errors import UsageError
+
+    faulty.server.psql("CREATE DATABASE nogist")
+    with pytest.raises(UsageError, match="lacks the btree_gist extension: run CREATE EXTENSION btree_gist"):
+        make_demo_repo(str(tmp_path / "repo"), registry=faulty.server.url("nogist"))
+    assert not (tmp_path / "repo").exists(), "nothing half-done"
+
+
 def test_unreachable_registry_is_one_line_for_mount_run_and_prefetch(running_after, mountpoint, tmp_path):
     require_fuse()
     faulty = running_after
