@@ -24,7 +24,7 @@ from . import __version__
 from .errors import UsageError
 from .mounting import MountOptions
 
-__all__ = ["butler_plugin_commands", "main"]
+__all__ = ["butler_plugin_commands", "main", "run_options"]
 
 
 def _split_commas(ctx: click.Context, param: click.Parameter, values: Iterable[str]) -> tuple[str, ...]:
@@ -407,6 +407,17 @@ def _choices(modes: type[enum.StrEnum]) -> click.Choice:
     return click.Choice([mode.value for mode in modes])
 
 
+def run_options(params: dict[str, Any]) -> RunOptions:
+    """Return the `RunOptions` of a ``run`` command line (click's parameters, one per field).
+
+    Every option is a field of the same name, but ``--no-network``, which is ``network``
+    inverted: a new option without a field (or the reverse) fails here.
+    """
+    values = dict(params)
+    values["network"] = not values.pop("no_network")
+    return RunOptions(**values)
+
+
 @click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("repo")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- PROGRAM [ARG]...")
@@ -497,28 +508,7 @@ def _choices(modes: type[enum.StrEnum]) -> click.Choice:
 )
 @click.pass_context
 @_user_errors
-def run_command(
-    ctx: click.Context,
-    repo: str,
-    command: tuple[str, ...],
-    collections: tuple[str, ...],
-    inputs: tuple[str, ...],
-    where: str,
-    outputs: tuple[str, ...],
-    output_run: str | None,
-    jobs: int,
-    timeout: float | None,
-    kill_grace: float,
-    sandbox: str,
-    no_network: bool,
-    overlay: str,
-    transfer: str,
-    put: bool,
-    shell: bool,
-    fail_fast: bool,
-    rerun_failed: bool,
-    workdir: str | None,
-) -> None:
+def run_command(ctx: click.Context, **params: Any) -> None:
     """Run PROGRAM once per data ID of REPO's datasets and store its outputs in the Butler.
 
     \b
@@ -530,27 +520,7 @@ def run_command(
     """  # noqa: D301 (click's \b keeps the example's lines)
     from wrapper.run import execute_plan, plan_run
 
-    options = RunOptions(
-        repo=repo,
-        collections=collections,
-        inputs=inputs,
-        command=command,
-        where=where,
-        outputs=outputs,
-        output_run=output_run,
-        jobs=jobs,
-        timeout=timeout,
-        sandbox=sandbox,
-        network=not no_network,
-        overlay=overlay,
-        transfer=transfer,
-        put=put,
-        shell=shell,
-        fail_fast=fail_fast,
-        rerun_failed=rerun_failed,
-        workdir=workdir,
-        kill_grace=kill_grace,
-    )
+    options = run_options(params)
     plan = plan_run(options)
     if sys.stderr.isatty():
         with click.progressbar(

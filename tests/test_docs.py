@@ -204,6 +204,9 @@ class Session:
         path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p not in venv_bin]
         self.env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
         self.env["PATH"] = os.pathsep.join(path)
+        # Temporary files (a failed quantum's workspace) stay inside the test's directory.
+        self.env["TMPDIR"] = str(root / "tmp")
+        (root / "tmp").mkdir()
 
     def run(self, block: Block, previous: Block | None) -> None:
         """Run a block, write a file block, or check what the python block before printed."""
