@@ -124,20 +124,6 @@ def test_umount_after_daemon_died(demo, mountpoint, fuse_ok):
     _assert_not_mounted(mountpoint)
 
 
-def test_butler_plugin_offers_the_commands():
-    result = subprocess.run(
-        [str(Path(os.sys.executable).parent / "butler"), "--help"], capture_output=True, text=True, check=True
-    )
-    commands = {
-        line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ") and line.split()
-    }
-    assert {"mount", "umount", "run"} <= commands
-    mount_help = subprocess.run(
-        [str(Path(os.sys.executable).parent / "butler"), "mount", "--help"], capture_output=True, text=True
-    )
-    assert mount_help.returncode == 0 and "--collections" in mount_help.stdout
-
-
 def test_fusermount_refusal_quotes_its_words_the_fix_and_the_log(demo, mountpoint, fuse_ok):
     if os.geteuid() == 0:
         pytest.skip("root may always use allow_other: the CI's user run checks the refusal")
