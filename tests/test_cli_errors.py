@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -139,4 +140,32 @@ def test_fusermount_refusal_quotes_its_words_the_fix_and_the_log(demo, mountpoin
     )
     log = result.stderr.rsplit("(log: ", 1)[1].split(")")[0]
     assert os.path.exists(log)
+    _assert_not_mounted(mountpoint)
+
+
+def test_mount_killed_while_starting_leaves_nothing(demo, mountpoint, fuse_ok):
+    """A ``butlerfs mount`` killed before its daemon reported (Ctrl-C, a timeout) leaves no mount.
+
+    The daemon finds nobody to tell that the mount is ready, so it unmounts and exits.
+    """
+    import psutil
+    from conftest import BIN
+
+    cli = subprocess.Popen(
+        [str(BIN / "butlerfs"), "mount", demo.root, str(mountpoint), "-c", DEFAULTS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    parent = psutil.Process(cli.pid)
+    daemons: list[psutil.Process] = []
+    while not daemons and cli.poll() is None:  # the daemon imports the Butler for seconds first
+        daemons = parent.children()
+        time.sleep(0.01)
+    cli.kill()
+    out, _ = cli.communicate()
+    assert daemons and b"Mounted" not in out, "the daemon reported before the kill: nothing was tested"
+    gone, alive = psutil.wait_procs(daemons, timeout=120)
+    for process in alive:
+        process.kill()
+    assert not alive, "the daemon outlived the mount command that started it"
     _assert_not_mounted(mountpoint)

@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -208,3 +209,13 @@ def test_python_run_failures_are_results_and_bad_input_raises(repo, tmp_path: Pa
         butlerfs.run(repo.root, "true", collections=DEFAULTS)
     with pytest.raises(butlerfs.UsageError, match="no/such"):
         butlerfs.run(repo.root, "true", collections="no/such", inputs="img=calexp")
+
+
+def test_importing_butlerfs_and_its_cli_does_not_import_the_butler():
+    """``butlerfs --help`` and ``butlerfs mount`` start in well under a second: no daf_butler import."""
+    code = (
+        "import sys, butlerfs, butlerfs.cli; butlerfs.run; "
+        "assert not [m for m in sys.modules if m.startswith('lsst.daf.butler')], 'imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
