@@ -69,8 +69,9 @@ def test_design_import_rules():
 # A doc is read as one terminal session in a fresh directory shaped like the checkout (`.venv`,
 # `pipelines` and `scripts` linked), with the venv not activated: what a doc needs it says.
 # - ```console blocks run in order in bash, each `$ ` command in turn (`\` continues it), and the
-#   lines shown under a command must appear in its output in order (see `_pattern`); exported
-#   variables and the working directory carry over to the next block, as in a terminal.
+#   lines shown under a command must appear in its output in order (see `_pattern`); it must
+#   succeed, unless its last shown line is `(exit status N)`. Exported variables and the working
+#   directory carry over to the next block, as in a terminal.
 # - ```python blocks run with the venv's Python in the same directory and environment; a ```text
 #   block right after one (nothing but blank lines between) is what it prints.
 # - A ```yaml block whose first line is `# NAME.yaml` is a file the later commands use: it is
@@ -90,14 +91,28 @@ LINKED = (".venv", "pipelines", "scripts")
 STEP = "@@butlerfs-docs-step"
 # Shown numbers with a decimal point are measurements (times, sizes): any number matches them.
 MEASURED = re.compile(r"\d+\.\d+")
+EXIT_STATUS = re.compile(r"\(exit status (\d+)\)")
 
 
 @dataclass
 class Step:
-    """One ``$ `` command of a console block and the output lines shown under it."""
+    """One ``$ `` command of a console block and the output lines shown under it.
+
+    A last shown line ``(exit status N)`` says the command fails with status N, as a doc
+    showing an error message would.
+    """
 
     command: str
     shown: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> int:
+        match = EXIT_STATUS.fullmatch(self.shown[-1].strip()) if self.shown else None
+        return int(match.group(1)) if match else 0
+
+    @property
+    def output(self) -> list[str]:
+        return self.shown[:-1] if self.status else self.shown
 
 
 @dataclass
@@ -248,7 +263,7 @@ class Session:
                 step.command,
                 "status=$?",
                 f"printf '\\n{STEP} %d status %d\\n' {number} $status",
-                '[ "$status" -eq 0 ] || exit "$status"',
+                f'[ "$status" -eq {step.status} ] || exit 1',
             ]
         script.append(f"pwd > {self.state}/cwd && env -0 > {self.state}/env")
         result = subprocess.run(
@@ -270,11 +285,11 @@ class Session:
             else:
                 statuses[number] = int(status)
         for number, step in enumerate(steps):
-            assert statuses.get(number) == 0, (
-                f"{block.where}: `{step.command}` exited with {statuses.get(number)}:\n"
-                f"{outputs.get(number, result.stdout)}"
+            assert statuses.get(number) == step.status, (
+                f"{block.where}: `{step.command}` exited with {statuses.get(number)}, "
+                f"not {step.status}:\n{outputs.get(number, result.stdout)}"
             )
-            _check_output(block.where, step.command, step.shown, outputs[number])
+            _check_output(block.where, step.command, step.output, outputs[number])
         self.cwd = Path((self.state / "cwd").read_text().strip())
         pairs = (item.split("=", 1) for item in (self.state / "env").read_text().split("\0") if "=" in item)
         self.env = dict(pairs)
@@ -334,3 +349,54 @@ def test_doc_runs_as_written(doc: Path, tmp_path: Path):
         for point in reversed(left):
             subprocess.run(["fusermount3", "-uz", point], check=False)
     assert not left, f"{doc.name} left mounts behind: {left}"
+
+
+def test_the_doc_machinery_itself(tmp_path: Path):
+    """The reading rules above, on a small Markdown file: what runs, what is checked, what carries over."""
+    doc = tmp_path / "DOC.md"
+    doc.write_text(
+        """\
+```console
+$ export GREETING=hello
+$ mkdir sub && cd sub
+$ sh -c 'echo "took 0.25 s"; exit 3'
+took 1.5 s
+(exit status 3)
+```
+
+- a list item:
+
+  ```yaml
+  # conf.yaml
+  key: value
+  ```
+
+```python
+import os
+print(os.environ["GREETING"], os.path.basename(os.getcwd()), open("conf.yaml").read().split()[-1])
+```
+
+```text
+hello sub value
+```
+
+<!-- illustrative: needs nothing, it is a test -->
+```console
+$ false
+```
+"""
+    )
+    blocks = _blocks(doc)
+    assert [b.language for b in blocks] == ["console", "yaml", "python", "text", "console"]
+    assert blocks[1].file_name == "conf.yaml" and blocks[3].follows_block and blocks[4].illustrative
+    assert [s.status for s in blocks[0].steps()] == [0, 0, 3]
+    (tmp_path / "session").mkdir()
+    session = Session(tmp_path / "session")
+    previous = None
+    for block in blocks:
+        session.run(block, previous)
+        previous = block
+    assert session.cwd.name == "sub" and session.env["GREETING"] == "hello"
+    wrong = Block("DOC.md", "text", "goodbye\n", 99, None, True)
+    with pytest.raises(AssertionError, match="did not print 'goodbye'"):
+        session.run(wrong, blocks[2])
