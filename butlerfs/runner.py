@@ -70,7 +70,7 @@ def run(
         For bad input (an unknown option, a missing collection or dataset type, a
         placeholder without a value, ...), before anything runs.
     """
-    from wrapper.run import run as run_options
+    import wrapper.run  # the Butler: seconds, so only now
 
     unknown = sorted(set(options) - _FIELDS)
     if unknown:
@@ -85,7 +85,7 @@ def run(
         options["outputs"] = _strings(options["outputs"])
     if isinstance(command, str):
         command = [command] if options.get("shell") else shlex.split(command)
-    return run_options(RunOptions(repo=repo, command=list(command), **options), on_result)
+    return wrapper.run.run(RunOptions(repo=repo, command=list(command), **options), on_result)
 
 
 _FIELDS = {field.name for field in dataclasses.fields(RunOptions)} - {"repo", "command"}
