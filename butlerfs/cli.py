@@ -7,6 +7,7 @@ mistake is one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import logging
 import sys
@@ -15,11 +16,15 @@ from typing import Any
 
 import click
 
+from wrapper.options import RunOptions, TransferMode, run_defaults
+from wrapper.sandbox import SandboxMode
+from wrapper.workspace import OverlayMode
+
 from . import __version__
 from .errors import UsageError
 from .mounting import MountOptions
 
-__all__ = ["butler_plugin_commands", "main"]
+__all__ = ["butler_plugin_commands", "main", "run_options"]
 
 
 def _split_commas(ctx: click.Context, param: click.Parameter, values: Iterable[str]) -> tuple[str, ...]:
@@ -413,6 +418,27 @@ def cache_prefetch_command(
     )
 
 
+# The run's defaults live in `RunOptions` (also those of the Python API, `butlerfs.run`).
+_RUN_DEFAULTS = {
+    name: str(value) if isinstance(value, str) else value for name, value in run_defaults().items()
+}
+
+
+def _choices(modes: type[enum.StrEnum]) -> click.Choice:
+    return click.Choice([mode.value for mode in modes])
+
+
+def run_options(params: dict[str, Any]) -> RunOptions:
+    """Return the `RunOptions` of a ``run`` command line (click's parameters, one per field).
+
+    Every option is a field of the same name, but ``--no-network``, which is ``network``
+    inverted: a new option without a field (or the reverse) fails here.
+    """
+    values = dict(params)
+    values["network"] = not values.pop("no_network")
+    return RunOptions(**values)
+
+
 @click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("repo")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- PROGRAM [ARG]...")
@@ -429,7 +455,7 @@ def cache_prefetch_command(
 @click.option(
     "--where",
     "-w",
-    default="",
+    default=_RUN_DEFAULTS["where"],
     metavar="EXPR",
     help='Butler query expression constraining the first input, e.g. "visit = 733724".',
 )
@@ -442,40 +468,53 @@ def cache_prefetch_command(
     help="A file the program writes (exactly one match in its working directory), stored as a "
     "dataset of the data ID (dataset type default NAME).",
 )
-@click.option("--output-run", default=None, metavar="RUN", help="RUN collection receiving the outputs.")
 @click.option(
-    "--jobs", "-j", default=1, show_default=True, type=click.IntRange(min=1), help="Data IDs at once."
+    "--output-run",
+    default=_RUN_DEFAULTS["output_run"],
+    metavar="RUN",
+    help="RUN collection receiving the outputs.",
 )
 @click.option(
-    "--timeout", default=None, type=click.FloatRange(min=0), help="Seconds before a program is stopped."
+    "--jobs",
+    "-j",
+    default=_RUN_DEFAULTS["jobs"],
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Data IDs at once.",
+)
+@click.option(
+    "--timeout",
+    default=_RUN_DEFAULTS["timeout"],
+    type=click.FloatRange(min=0),
+    help="Seconds before a program is stopped.",
 )
 @click.option(
     "--kill-grace",
-    default=5.0,
+    default=_RUN_DEFAULTS["kill_grace"],
     show_default=True,
     type=click.FloatRange(min=0),
     help="Seconds between SIGTERM and SIGKILL when stopping a program.",
 )
 @click.option(
     "--sandbox",
-    default="auto",
+    default=_RUN_DEFAULTS["sandbox"],
     show_default=True,
-    type=click.Choice(["auto", "on", "off"]),
+    type=_choices(SandboxMode),
     help="Run programs under bubblewrap: read-only system, writable working directory only.",
 )
 @click.option("--no-network", is_flag=True, help="No network for the program (needs the sandbox).")
 @click.option(
     "--overlay",
-    default="auto",
+    default=_RUN_DEFAULTS["overlay"],
     show_default=True,
-    type=click.Choice(["auto", "kernel", "fuse", "links"]),
+    type=_choices(OverlayMode),
     help="How the writable working directory is made; auto tries kernel, fuse, links.",
 )
 @click.option(
     "--transfer",
-    default="move",
+    default=_RUN_DEFAULTS["transfer"],
     show_default=True,
-    type=click.Choice(["move", "copy", "link", "symlink"]),
+    type=_choices(TransferMode),
     help="How ingest stores output files.",
 )
 @click.option("--put", is_flag=True, help="Store outputs with butler.put through the ButlerfsFile formatter.")
@@ -485,33 +524,12 @@ def cache_prefetch_command(
 @click.option(
     "--workdir",
     type=click.Path(file_okay=False),
-    default=None,
+    default=_RUN_DEFAULTS["workdir"],
     help="Workspaces, one per data ID (default ./butlerfs-run/<output run or timestamp>).",
 )
 @click.pass_context
 @_user_errors
-def run_command(
-    ctx: click.Context,
-    repo: str,
-    command: tuple[str, ...],
-    collections: tuple[str, ...],
-    inputs: tuple[str, ...],
-    where: str,
-    outputs: tuple[str, ...],
-    output_run: str | None,
-    jobs: int,
-    timeout: float | None,
-    kill_grace: float,
-    sandbox: str,
-    no_network: bool,
-    overlay: str,
-    transfer: str,
-    put: bool,
-    shell: bool,
-    fail_fast: bool,
-    rerun_failed: bool,
-    workdir: str | None,
-) -> None:
+def run_command(ctx: click.Context, **params: Any) -> None:
     """Run PROGRAM once per data ID of REPO's datasets and store its outputs in the Butler.
 
     \b
@@ -521,29 +539,9 @@ def run_command(
         -o cat=cat.fits:srcCat --output-run u/me/sex -- \\
         source-extractor '{img}[1]' -CATALOG_NAME cat.fits -CATALOG_TYPE FITS_1.0
     """  # noqa: D301 (click's \b keeps the example's lines)
-    from wrapper.run import RunOptions, execute_plan, plan_run
+    from wrapper.run import execute_plan, plan_run
 
-    options = RunOptions(
-        repo=repo,
-        collections=collections,
-        inputs=inputs,
-        command=command,
-        where=where,
-        outputs=outputs,
-        output_run=output_run,
-        jobs=jobs,
-        timeout=timeout,
-        sandbox=sandbox,
-        network=not no_network,
-        overlay=overlay,
-        transfer=transfer,
-        put=put,
-        shell=shell,
-        fail_fast=fail_fast,
-        rerun_failed=rerun_failed,
-        workdir=workdir,
-        kill_grace=kill_grace,
-    )
+    options = run_options(params)
     plan = plan_run(options)
     if sys.stderr.isatty():
         with click.progressbar(

@@ -28,15 +28,32 @@ class _Reporter:
         self._fd: int | None = fd
         self._lock = threading.Lock()
 
-    def send(self, line: str) -> None:
+    def send(self, line: str) -> bool:
+        """Write the line; return whether the parent got it (false: it is gone, or already told)."""
         with self._lock:
             if self._fd is None:
-                return
+                return False
             try:
                 os.write(self._fd, line.replace("\n", " ").encode() + b"\n")
+                return True
+            except BrokenPipeError:
+                return False
             finally:
                 os.close(self._fd)
                 self._fd = None
+
+
+def _mounted(options: MountOptions, reporter: _Reporter) -> None:
+    """Tell the parent the mount is ready; if it is gone, nobody knows of the mount: undo it.
+
+    A ``butlerfs mount`` killed (Ctrl-C, a timeout) while this daemon was starting must not
+    leave a mount appearing after it died, with no PID file to find its daemon by.
+    """
+    if reporter.send("ok"):
+        return
+    _LOG.warning("The process that started this mount is gone: unmounting %s", options.mountpoint)
+    own = os.path.realpath(options.mountpoint)
+    unmount_all([m for m in mounts_under(os.path.dirname(own)) if m[0] == own])
 
 
 def _clean_up_and_exit(options: MountOptions) -> None:
@@ -89,7 +106,7 @@ def main(argv: list[str]) -> int:
     if options.watch_pid is not None:
         _watch(options)
     try:
-        serve(options, on_mounted=lambda: reporter.send("ok"))
+        serve(options, on_mounted=lambda: _mounted(options, reporter))
     except UsageError as err:
         reporter.send(f"error {err}")
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +20,19 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 BIN = Path(sys.executable).parent
 # scripts/pgserver.py (a private PostgreSQL server) is shared with the benchmarks.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give the programs the tests start a default SIGINT, whatever this session inherited.
+
+    A suite started in the background (``make test &``, two suites at once, a CI runner's
+    job) inherits SIGINT ignored, as shells do for background jobs, and passes that on to
+    every process it starts: Python then installs no KeyboardInterrupt handler, and a
+    ``butlerfs run`` the tests "Ctrl-C" rightly ignores it. With a handler here, children
+    start with SIGINT's default disposition, as from a terminal.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def require(condition: bool, what: str) -> None:

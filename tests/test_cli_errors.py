@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -124,20 +125,6 @@ def test_umount_after_daemon_died(demo, mountpoint, fuse_ok):
     _assert_not_mounted(mountpoint)
 
 
-def test_butler_plugin_offers_the_commands():
-    result = subprocess.run(
-        [str(Path(os.sys.executable).parent / "butler"), "--help"], capture_output=True, text=True, check=True
-    )
-    commands = {
-        line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ") and line.split()
-    }
-    assert {"mount", "umount", "run"} <= commands
-    mount_help = subprocess.run(
-        [str(Path(os.sys.executable).parent / "butler"), "mount", "--help"], capture_output=True, text=True
-    )
-    assert mount_help.returncode == 0 and "--collections" in mount_help.stdout
-
-
 def test_fusermount_refusal_quotes_its_words_the_fix_and_the_log(demo, mountpoint, fuse_ok):
     if os.geteuid() == 0:
         pytest.skip("root may always use allow_other: the CI's user run checks the refusal")
@@ -153,4 +140,32 @@ def test_fusermount_refusal_quotes_its_words_the_fix_and_the_log(demo, mountpoin
     )
     log = result.stderr.rsplit("(log: ", 1)[1].split(")")[0]
     assert os.path.exists(log)
+    _assert_not_mounted(mountpoint)
+
+
+def test_mount_killed_while_starting_leaves_nothing(demo, mountpoint, fuse_ok):
+    """A ``butlerfs mount`` killed before its daemon reported (Ctrl-C, a timeout) leaves no mount.
+
+    The daemon finds nobody to tell that the mount is ready, so it unmounts and exits.
+    """
+    import psutil
+    from conftest import BIN
+
+    cli = subprocess.Popen(
+        [str(BIN / "butlerfs"), "mount", demo.root, str(mountpoint), "-c", DEFAULTS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    parent = psutil.Process(cli.pid)
+    daemons: list[psutil.Process] = []
+    while not daemons and cli.poll() is None:  # the daemon imports the Butler for seconds first
+        daemons = parent.children()
+        time.sleep(0.01)
+    cli.kill()
+    out, _ = cli.communicate()
+    assert daemons and b"Mounted" not in out, "the daemon reported before the kill: nothing was tested"
+    gone, alive = psutil.wait_procs(daemons, timeout=120)
+    for process in alive:
+        process.kill()
+    assert not alive, "the daemon outlived the mount command that started it"
     _assert_not_mounted(mountpoint)

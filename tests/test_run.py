@@ -357,9 +357,8 @@ def test_failing_data_id_keeps_workspace_others_ingest_then_rerun_failed(repo, w
 def test_timeout_stops_the_whole_tree(repo, work, sandbox):
     if sandbox == "on":
         require_sandbox()
-    marker = f"{301 + (sandbox == 'on')}.25"  # a sleep duration no other process uses
+    marker = f"{301 + (sandbox == 'on')}.{os.getpid():07d}"  # a sleep duration no other session uses
     command = f"trap '' TERM; sleep {marker} & sleep {marker}; echo never > out.txt"
-    start = time.monotonic()
     result = butlerfs_run(
         repo,
         work,
@@ -379,13 +378,12 @@ def test_timeout_stops_the_whole_tree(repo, work, sandbox):
         "--",
         command,
     )
-    elapsed = time.monotonic() - start
+    # The programs sleep for 300 s: a run that returns (butlerfs_run gives it 120 s) stopped them.
+    # Wall-clock bounds on the stop would only measure the machine's load.
     assert result.returncode == 1, result.stderr + result.stdout
-    assert elapsed < 30
     for m in manifests(work).values():
         assert m["status"] == "timeout" and "timed out after 1 s" in m["reason"]
-        assert 1.0 <= m["wall_time"] < 5.0
-    time.sleep(0.2)
+        assert m["wall_time"] >= 1.0 and "out.txt" not in m["undeclared"]  # never reached `echo never`
     left = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
     assert not left, f"processes outlived the timeout: {left}"
 
@@ -466,6 +464,7 @@ def test_other_overlay_modes(repo, work, overlay):
 
 
 def test_ctrl_c_stops_children_stores_nothing_unmounts(repo, work):
+    marker = f"303.{os.getpid():07d}"  # a sleep duration no other session uses
     proc = subprocess.Popen(
         [
             str(BIN / "butlerfs"),
@@ -485,24 +484,29 @@ def test_ctrl_c_stops_children_stores_nothing_unmounts(repo, work):
             "2",
             "--shell",
             "--",
-            "echo started > out.txt; sleep 303.25",
+            f"echo started > out.txt; sleep {marker}",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=dict(os.environ, PYTHONFAULTHANDLER="1"),  # SIGABRT below dumps its threads
     )
-    deadline = time.monotonic() + 60
-    while not list(work.glob("instrument_*/detector_*/visit_*/stdout.txt")):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.1)
-    time.sleep(0.5)
+    # A program is in its sleep once out.txt exists (upper/ of an overlay, or merged/ of links).
+    while not list(work.glob("instrument_*/detector_*/visit_*/*/out.txt")):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    try:
+        out, err = proc.communicate(timeout=120)  # a hang detector: stopping takes seconds
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out, err = proc.communicate()
+        pytest.fail(f"butlerfs run did not stop after Ctrl-C; its threads:\n{err}")
     assert proc.returncode == 130, err
     assert "interrupted" in out and "Traceback" not in err
     butler = open_butler(repo)
     assert butler.query_datasets("interruptedOut", "u/test/interrupted", limit=None, explain=False) == []
-    left = [p for p in psutil.process_iter(["cmdline"]) if "303.25" in " ".join(p.info["cmdline"] or [])]
+    left = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
     assert not left
     assert not (work / ".mnt").exists() or not os.path.ismount(work / ".mnt")
 

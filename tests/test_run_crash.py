@@ -24,8 +24,11 @@ from butlerfs.mounting import daemons_serving
 
 pytestmark = pytest.mark.fuse
 
-SLEEP = "sleep 307.25"
-"""The slow program: its odd duration finds strays by command line."""
+SLEEP = f"sleep 307.{os.getpid():07d}"
+"""The slow program: its odd duration, unique to this session, finds strays by command line.
+
+Unique, so that the clean-up of another session running these tests at the same time leaves
+this one's programs alone."""
 
 
 def mounts_under(path: Path) -> list[str]:

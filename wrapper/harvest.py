@@ -15,7 +15,6 @@ Two ways to store a file, both with the project's ``ButlerfsFile`` storage class
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -36,6 +35,7 @@ from lsst.daf.butler.registry import MissingCollectionError
 from butlerfs.errors import UsageError
 from butlerfs.formatter import STORAGE_CLASS_NAME, FileArtifactFormatter, install, put_source_extension
 
+from .options import TransferMode
 from .outputs import OutputSpec
 
 __all__ = ["ButlerHarvester", "DataIdKey", "TransferMode", "data_id_key", "ensure_file_storage_class"]
@@ -49,15 +49,6 @@ DataIdKey = tuple[tuple[str, Any], ...]
 def data_id_key(data_id: DataCoordinate) -> DataIdKey:
     """Return the hashable key of a data ID (its required values)."""
     return tuple(data_id.required.items())
-
-
-class TransferMode(enum.StrEnum):
-    """Ingest transfer modes offered for outputs."""
-
-    MOVE = "move"
-    COPY = "copy"
-    LINK = "link"
-    SYMLINK = "symlink"
 
 
 def ensure_file_storage_class(butler: Butler, *, put: bool) -> None:

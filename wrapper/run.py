@@ -33,9 +33,10 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import psutil
 
@@ -44,7 +45,7 @@ from butlerfs.layout import dataset_path, encode_value
 from butlerfs.mounting import Mount, daemons_serving, mount, unmount_under
 
 from .core import Job, JobOptions, run_job
-from .harvest import ButlerHarvester, DataIdKey, TransferMode
+from .harvest import ButlerHarvester, DataIdKey
 from .inputs import (
     InputSpec,
     Unit,
@@ -55,9 +56,10 @@ from .inputs import (
     get_dataset_type,
     open_butler,
 )
-from .manifest import Manifest, Status, now_iso
+from .manifest import Manifest, OutputRecord, Status, now_iso
+from .options import RunOptions, TransferMode
 from .outputs import OutputSpec
-from .sandbox import SandboxMode, resolve_sandbox
+from .sandbox import resolve_sandbox
 from .template import CommandTemplate
 from .workspace import (
     InputFile,
@@ -83,35 +85,6 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclasses.dataclass
-class RunOptions:
-    """Everything ``butlerfs run`` is told; see ``docs/RUN.md``.
-
-    ``inputs`` and ``outputs`` take the command line's strings (``img=calexp``,
-    ``cat=cat.fits:srcCat``) or parsed specs; ``command`` is the program and its arguments.
-    """
-
-    repo: str
-    collections: Sequence[str]
-    inputs: Sequence[str | InputSpec]
-    command: Sequence[str]
-    where: str = ""
-    outputs: Sequence[str | OutputSpec] = ()
-    output_run: str | None = None
-    jobs: int = 1
-    timeout: float | None = None
-    sandbox: SandboxMode | str = SandboxMode.AUTO
-    network: bool = True
-    overlay: OverlayMode | str = OverlayMode.AUTO
-    transfer: TransferMode | str = TransferMode.MOVE
-    put: bool = False
-    shell: bool = False
-    fail_fast: bool = False
-    rerun_failed: bool = False
-    workdir: str | None = None
-    kill_grace: float = 5.0
-
-
-@dataclasses.dataclass
 class Result:
     """The outcome of one data ID in this run.
 
@@ -126,10 +99,43 @@ class Result:
     manifest: Manifest
     done: bool
 
+    @property
+    def data_id(self) -> dict[str, Any]:
+        """The data ID's required dimensions and values (``{"instrument": ..., "visit": ...}``)."""
+        return self.manifest.data_id
+
+    @property
+    def status(self) -> Status:
+        """``ok``, ``failed``, ``timeout``, ``skipped`` or ``interrupted`` (a `str`)."""
+        return self.manifest.status
+
+    @property
+    def reason(self) -> str:
+        """Why the data ID is not ``ok``; empty when it is."""
+        return self.manifest.reason
+
+    @property
+    def outputs(self) -> dict[str, OutputRecord]:
+        """The outputs stored now, by output name (dataset type, dataset ID, file)."""
+        return {record.name: record for record in self.manifest.outputs}
+
+    @property
+    def exit_code(self) -> int | None:
+        """The program's exit status; `None` when it did not run or was killed by a signal."""
+        return self.manifest.exit_code
+
+    @property
+    def workspace(self) -> str:
+        """The data ID's workspace (console output, manifest, undeclared files)."""
+        return self.manifest.workspace
+
 
 @dataclasses.dataclass
 class RunSummary:
     """What a run did.
+
+    Iterating over it gives each data ID's `Result`, in data ID order; ``str(summary)`` is
+    the table ``butlerfs run`` prints.
 
     Attributes
     ----------
@@ -158,6 +164,15 @@ class RunSummary:
     def ok(self) -> bool:
         """Every data ID is finished and nothing was interrupted."""
         return not self.interrupted and all(r.done for r in self.results)
+
+    def __iter__(self) -> Iterator[Result]:
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __str__(self) -> str:
+        return "\n".join(self.report())
 
     def report(self, max_rows: int = 50) -> list[str]:
         """Return the summary table as lines of text.
