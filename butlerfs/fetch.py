@@ -176,7 +176,8 @@ class Fetcher:
         self._slots: dict[tuple[str, int], _Slot] = {}
         self._memory: collections.OrderedDict[tuple[str, int], bytes | memoryview] = collections.OrderedDict()
         self._memory_blocks = memory_blocks or (max_window + 2 * _MIN_PART) // BLOCK_SIZE
-        self._failed: dict[tuple[str, int], float] = {}
+        self._failed: dict[str, float] = {}
+        """Per key, when a read of it last failed: reads that need a GET fail at once for a moment."""
         self._limit: dict[str, int] = {}
         """Per key, the last block GETs may deliver now: a long GET waits for its readers."""
         self._readers = collections.Counter[str]()
@@ -400,7 +401,7 @@ class Fetcher:
             while len(self._memory) > self._memory_blocks:
                 self._memory.popitem(last=False)
             slot = self._slots.pop(key, None)
-            self._failed.pop(key, None)
+            self._failed.pop(obj.key, None)  # bytes arrive again
         if slot is not None:
             slot.data = block
             slot.done.set()
@@ -422,8 +423,9 @@ class Fetcher:
                 if slot is not None and slot.part is part:
                     del self._slots[(part.obj.key, i)]
                     slots.append(slot)
-                    if not abandoned:
-                        self._failed[(part.obj.key, i)] = now
+
+            if not abandoned and any(slot.waiters for slot in slots):
+                self._failed[part.obj.key] = now
         for slot in slots:
             slot.error = None if abandoned else err
             slot.done.set()
@@ -482,7 +484,7 @@ class Fetcher:
                     self.served["memory"] += 1
                     return held
                 slot = self._slots.get(key)
-                failed = self._failed.pop(key, None)
+                failed = self._failed.get(obj.key)
             if index in obj.cached and self.cache is not None:
                 block = self.cache.read_block(obj.key, index, obj.block_len(index))
                 if block is not None:
@@ -494,10 +496,11 @@ class Fetcher:
                     return block
                 obj.cached.discard(index)  # gone or corrupt: fetch it
                 continue
-            if slot is None and failed is not None and time.monotonic() - failed < _FAILED_RETRY_WINDOW:
-                # The kernel retries a failed read-ahead at once for the page it needs:
-                # that retry must not wait another timeout.
-                raise FsError(errno.EIO, f"block {index} of {obj.uri} failed just now")
+            if failed is not None and time.monotonic() - failed < _FAILED_RETRY_WINDOW:
+                # The kernel follows a failed read with more requests for the same read()
+                # (the rest of its range, then a retry of the page it needs): they must not
+                # each wait another timeout.
+                raise FsError(errno.EIO, f"block {index} of {obj.uri}: a read of it failed just now")
             if slot is None:
                 self.request(obj, index, index, part_blocks=1, demand=(index, index), aligned=False)
                 continue
@@ -518,7 +521,7 @@ class Fetcher:
             if not slot.done.wait(max(0.0, deadline - time.monotonic())):
                 with self._lock:
                     self.served["timeouts"] += 1
-                    self._failed[(obj.key, index)] = time.monotonic()
+                    self._failed[obj.key] = time.monotonic()
                 raise FsError(errno.EIO, f"block {index} of {obj.uri}: no answer within {self.timeout:g} s")
         finally:
             with self._lock:
