@@ -162,7 +162,7 @@ class BlockCache:
             try:
                 trailer = crc32c(data)
                 if os.writev(fd, [data, trailer]) != len(data) + len(trailer):
-                    raise OSError(errno.EIO, "short write")
+                    raise OSError(errno.ENOSPC, "short write")  # the disk filled up mid-block
             finally:
                 os.close(fd)
             os.replace(temp, self.block_path(key, index))

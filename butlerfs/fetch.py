@@ -25,6 +25,7 @@ fails at once instead of waiting again.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import errno
 import hashlib
@@ -53,6 +54,8 @@ _MAX_CHUNK = 64 * _MIB  # largest chunk a random read fetches
 _STREAM_IDLE = 10.0  # seconds a GET held back by its reader's window waits before it is dropped
 _FAILED_RETRY_WINDOW = 1.0  # seconds during which the kernel's retry of a failed read fails at once
 _DEMAND, _AHEAD = 0, 1
+_DISK_AHEAD = 32  # cached blocks a sequential reader has read from disk ahead of it (8 MiB)
+_DISK_THREADS = 4
 
 
 @dataclasses.dataclass(eq=False)
@@ -182,6 +185,8 @@ class Fetcher:
         """Per key, the last block GETs may deliver now: a long GET waits for its readers."""
         self._readers = collections.Counter[str]()
         self._moved = threading.Condition(self._lock)
+        self._loading: dict[tuple[str, int], concurrent.futures.Future[None]] = {}
+        self._disk: concurrent.futures.ThreadPoolExecutor | None = None
         self.served = collections.Counter[str]()
         """Blocks served from ``memory``, the disk ``cache``, or a ``fetch``; ``timeouts``."""
 
@@ -402,15 +407,16 @@ class Fetcher:
                 self._memory.popitem(last=False)
             slot = self._slots.pop(key, None)
             self._failed.pop(obj.key, None)  # bytes arrive again
+        # On disk before its waiters wake: a prefetch that returns has everything cached.
+        if self.cache is not None and index not in obj.cached:
+            try:
+                if self.cache.write_block(obj.key, index, block):
+                    obj.cached.add(index)
+            except OSError as err:  # the cache is an optimisation: the read goes on
+                _LOG.warning("Could not cache block %d of %s: %s", index, obj.uri, err)
         if slot is not None:
             slot.data = block
             slot.done.set()
-        if (
-            self.cache is not None
-            and index not in obj.cached
-            and self.cache.write_block(obj.key, index, block)
-        ):
-            obj.cached.add(index)
 
     def _finish(self, part: _Part, index: int, err: FsError) -> None:
         """Release the blocks of ``part`` from ``index`` on: failed, or abandoned read-ahead."""
@@ -485,16 +491,15 @@ class Fetcher:
                     return held
                 slot = self._slots.get(key)
                 failed = self._failed.get(obj.key)
+                loading = self._loading.get(key)
+            if loading is not None:  # being read from disk ahead of this reader
+                loading.result()
+                continue
             if index in obj.cached and self.cache is not None:
-                block = self.cache.read_block(obj.key, index, obj.block_len(index))
+                block = self._load(obj, index)
                 if block is not None:
-                    with self._lock:
-                        self._memory[key] = block
-                        while len(self._memory) > self._memory_blocks:
-                            self._memory.popitem(last=False)
                     self.served["cache"] += 1
                     return block
-                obj.cached.discard(index)  # gone or corrupt: fetch it
                 continue
             if failed is not None and time.monotonic() - failed < _FAILED_RETRY_WINDOW:
                 # The kernel follows a failed read with more requests for the same read()
@@ -530,6 +535,47 @@ class Fetcher:
             raise FsError(errno.EIO, slot.error.strerror or "fetch failed")
         return slot.data
 
+    def _load(self, obj: RemoteObject, index: int) -> bytes | None:
+        """Read a cached block from disk into memory; `None` if it is gone or corrupt (then fetch it)."""
+        assert self.cache is not None
+        block = self.cache.read_block(obj.key, index, obj.block_len(index))
+        if block is None:
+            obj.cached.discard(index)
+            return None
+        with self._lock:
+            self._memory[(obj.key, index)] = block
+            while len(self._memory) > self._memory_blocks:
+                self._memory.popitem(last=False)
+        return block
+
+    def preload(self, obj: RemoteObject, first: int, last: int) -> None:
+        """Read cached blocks of ``[first, last]`` from disk into memory, in parallel, ahead of a reader."""
+        if self.cache is None:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            wanted = [
+                index
+                for index in range(first, last + 1)
+                if index in obj.cached
+                and (obj.key, index) not in self._memory
+                and (obj.key, index) not in self._loading
+            ]
+            if not wanted:
+                return
+            if self._disk is None:
+                self._disk = concurrent.futures.ThreadPoolExecutor(_DISK_THREADS, "butlerfs-disk")
+            for index in wanted:
+                self._loading[(obj.key, index)] = self._disk.submit(self._preload_one, obj, index)
+
+    def _preload_one(self, obj: RemoteObject, index: int) -> None:
+        try:
+            self._load(obj, index)
+        finally:
+            with self._lock:
+                self._loading.pop((obj.key, index), None)
+
     def fetch_all(self, obj: RemoteObject) -> None:
         """Bring every block of ``obj`` into the cache (for prefetch); wait for it."""
         self.request(obj, 0, obj.blocks - 1)
@@ -558,6 +604,9 @@ class Fetcher:
             self._queue.clear()
             self._work.notify_all()
             self._moved.notify_all()
+            disk, self._disk = self._disk, None
+        if disk is not None:
+            disk.shutdown(wait=False, cancel_futures=True)
 
 
 class RemoteReader:
@@ -600,6 +649,7 @@ class RemoteReader:
         if obj.size <= fetcher.small_object:
             fetcher.request(obj, 0, obj.blocks - 1, part_blocks=obj.blocks, demand=(first, last))
         elif window:
+            fetcher.preload(obj, last + 1, min(obj.blocks - 1, last + _DISK_AHEAD))
             # Demand and read-ahead in one request, its end rounded up to a part boundary:
             # parts stay whole and aligned, so a full window keeps issuing whole parts. A
             # part longer than the window streams only as far as the window reaches.

@@ -523,7 +523,7 @@ def test_a_cache_of_an_older_layout_is_removed(tmp_path):
 
 def test_small_cache_size_stays_under_its_limit(s3, mountpoint, tmp_path, cache_dir):
     truth = Boto3Truth(s3.server.client())
-    limit = 3 * BLOCK_SIZE
+    limit = 4 * BLOCK_SIZE
     collections = [s3.demo.defaults, EXTRA_RUN]
     with _mount(
         s3.demo.root, mountpoint, tmp_path, collections, dataset_types=["calexp", MEDIUM], cache_size=limit
@@ -533,7 +533,7 @@ def test_small_cache_size_stays_under_its_limit(s3, mountpoint, tmp_path, cache_
         for path in _files(m.mountpoint):
             data = _read(path)
             assert data == truth(_uri(path)), path
-            if not checked and len(data) < limit // 2:
+            if not checked and len(data) < limit:
                 # The fetch writes its blocks just after handing them to the reader.
                 deadline = time.monotonic() + 5
                 while _cache_bytes(cache_dir) == 0 and time.monotonic() < deadline:
