@@ -619,6 +619,33 @@ def test_tcp_proxy_stall_flag_and_toggle(s3):
     assert stalled.process is not None and stalled.process.returncode == 0, "SIGTERM must stop it cleanly"
 
 
+def test_tcp_proxy_paces_each_connection_and_counts(tmp_path):
+    # Pacing can only make a transfer slower, so a lower bound on its time is no timing bet.
+    size = 3_000_000
+    server = FileS3Server(tmp_path / "objects").start()
+    paced = TcpProxy(server.port, "--bandwidth-mbps", "10", "--delay-ms", "50")
+    with running(server):
+        client = server.client()
+        client.create_bucket(Bucket=BUCKET)
+        data = os.urandom(size)
+        client.put_object(Bucket=BUCKET, Key="paced", Body=data)
+        paced.start()
+        with running(paced):
+            via = MotoServer(port=paced.port).client()  # a client of the proxy's endpoint
+            before = paced.counters()
+            start = time.monotonic()
+            assert via.get_object(Bucket=BUCKET, Key="paced")["Body"].read() == data
+            elapsed = time.monotonic() - start
+            after = paced.counters()
+        ranged = client.get_object(Bucket=BUCKET, Key="paced", Range="bytes=100-199")["Body"].read()
+        stats = server.stats()
+    assert elapsed >= size / 10e6 + 0.05, elapsed
+    assert after["requests"] - before["requests"] == 1
+    assert size <= after["bytes_down"] - before["bytes_down"] <= size + 2000
+    assert ranged == data[100:200]
+    assert stats["requests"]["GetObject"] == 2 and stats["body_bytes_sent"] == size + 100
+
+
 # Faults
 
 
