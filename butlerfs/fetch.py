@@ -178,6 +178,7 @@ class Fetcher:
         self._seq = itertools.count()
         self._slots: dict[tuple[str, int], _Slot] = {}
         self._memory: collections.OrderedDict[tuple[str, int], bytes | memoryview] = collections.OrderedDict()
+        """Blocks fetched or read from disk, oldest arrival first."""
         self._memory_blocks = memory_blocks or (max_window + 2 * _MIN_PART) // BLOCK_SIZE
         self._failed: dict[str, float] = {}
         """Per key, when a read of it last failed: reads that need a GET fail at once for a moment."""
@@ -216,6 +217,14 @@ class Fetcher:
         return RemoteReader(self, obj)
 
     # Planning helpers (the reader decides; these size what it asks for)
+
+    def window_limit(self) -> int:
+        """Largest read-ahead window now: without a disk cache, the open files share the memory."""
+        if self.cache is not None:
+            return self.max_window
+        with self._lock:
+            readers = max(1, len(self._readers))
+        return max(_FIRST_WINDOW, min(self.max_window, self._memory_blocks * BLOCK_SIZE // (2 * readers)))
 
     def part_blocks(self, obj: RemoteObject) -> int:
         """Blocks per read-ahead GET: first-byte latency at most a quarter of a part's time."""
@@ -486,7 +495,8 @@ class Fetcher:
             with self._lock:
                 held = self._memory.get(key)
                 if held is not None:
-                    self._memory.move_to_end(key)
+                    # No move to the end: memory is first in, first out, so that blocks read
+                    # ahead and not yet read go after the ones a reader has just passed.
                     self.served["memory"] += 1
                     return held
                 slot = self._slots.get(key)
@@ -641,7 +651,7 @@ class RemoteReader:
             elif end - self._run_start > 2 * BLOCK_SIZE:
                 # Only a run past its first two blocks grows a window: a FITS header read
                 # arrives as a few sequential requests inside them.
-                self._window = min(fetcher.max_window, max(_FIRST_WINDOW, self._window * 4))
+                self._window = min(fetcher.window_limit(), max(_FIRST_WINDOW, self._window * 4))
             self._reads += 1
             self._next = max(self._next, end) if sequential else end
             window, jumps = self._window, self._jumps

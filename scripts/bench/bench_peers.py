@@ -452,7 +452,9 @@ class Bench:
         big_size = self.data.sizes[self.data.big_key]
         with self.mounter.mount(tool) as m:
             c.drop_caches()
-            result = fio_random(m.big, big_size, self.args.random_reads, self.mounter.work)
+            with self.counted(0, settle=True) as box:
+                result = fio_random(m.big, big_size, self.args.random_reads, self.mounter.work)
+            result.requests, result.fetched = box[0].requests, box[0].fetched
             self.record(tool.name, "random", result)
 
     def shape_multi(self, tool: Tool) -> None:
