@@ -502,11 +502,20 @@ class Fetcher:
                 slot = self._slots.get(key)
                 failed = self._failed.get(obj.key)
                 loading = self._loading.get(key)
-            if loading is not None:  # being read from disk ahead of this reader
+                mine = None
+                if loading is None and index in obj.cached and self.cache is not None:
+                    # A block is read from disk once at a time, as it is fetched once.
+                    mine = self._loading[key] = concurrent.futures.Future()
+            if loading is not None:  # being read from disk by another reader or ahead
                 loading.result()
                 continue
-            if index in obj.cached and self.cache is not None:
-                block = self._load(obj, index)
+            if mine is not None:
+                try:
+                    block = self._load(obj, index)
+                finally:
+                    with self._lock:
+                        self._loading.pop(key, None)
+                    mine.set_result(None)
                 if block is not None:
                     self.served["cache"] += 1
                     return block
