@@ -4,9 +4,15 @@ Datasets are immutable per UUID, so a cached block never goes stale and needs no
 validation against the server. An entry is a directory named by its key (the dataset
 UUID, plus ``.component`` for a component) holding one file per block of
 `BLOCK_SIZE` bytes that has been fetched; a FITS header read therefore caches one
-block, not the object. Blocks are written to a temporary name and renamed, so a
-reader in this or another mount sharing the directory sees a block whole or not at
-all. A block of the wrong size is deleted and fetched again.
+or two blocks, not the object. Blocks are written to a temporary name and renamed, so
+a reader in this or another mount sharing the directory sees a block whole or not at
+all.
+
+Every block file carries the CRC32C of its bytes (4 bytes, big-endian, after the data),
+written with it and checked on every read from disk: a block of the wrong size or whose
+bytes do not match is deleted, counted (`BlockCache.corrupt`) and fetched again. The
+layout is versioned (``v2/`` under the cache directory); blocks of older layouts carry
+no checksum and are removed when a cache is opened.
 
 Eviction is least-recently-used by entry: opening an entry touches its directory,
 and when the cache grows past its limit the oldest entries are removed until it is
@@ -21,18 +27,30 @@ import dataclasses
 import errno
 import logging
 import os
+import re
 import shutil
 import threading
 import uuid
 
-__all__ = ["BLOCK_SIZE", "BlockCache", "CacheInfo", "default_cache_dir"]
+import google_crc32c
+
+__all__ = ["BLOCK_SIZE", "LAYOUT", "BlockCache", "CacheInfo", "crc32c", "default_cache_dir"]
 
 _LOG = logging.getLogger(__name__)
 
-BLOCK_SIZE = 1 << 20
-"""Cache granularity: small enough that a header read caches < 1% of a large object."""
+BLOCK_SIZE = 256 << 10
+"""Cache and fetch granularity: a header read caches < 1% of a large object, a random
+256 KiB read fetches what it reads."""
 
-_LAYOUT = "v1"
+LAYOUT = "v2"
+"""Directory of this layout: v1 had no checksums, v2 ends every block with its CRC32C."""
+_OLDLAYOUT = re.compile(r"v\d+")
+_CRC = 4
+
+
+def crc32c(data: bytes) -> bytes:
+    """Return the CRC32C of ``data`` as 4 big-endian bytes (the block files' trailer)."""
+    return google_crc32c.value(data).to_bytes(_CRC, "big")
 
 
 def default_cache_dir() -> str:
@@ -65,11 +83,21 @@ class BlockCache:
     def __init__(self, root: str, limit: int) -> None:
         self.root = os.path.abspath(root)
         self.limit = limit
-        self._dir = os.path.join(self.root, _LAYOUT)
+        self._dir = os.path.join(self.root, LAYOUT)
         os.makedirs(self._dir, exist_ok=True)
+        self._remove_old_layouts()
         self._lock = threading.Lock()
         self._used = self._scan_size()
         self._writable = True
+        self.corrupt = 0
+        """Blocks discarded because their size or checksum was wrong."""
+
+    def _remove_old_layouts(self) -> None:
+        """Delete blocks of older layouts: they carry no checksum to check them by."""
+        for name in os.listdir(self.root):
+            if _OLDLAYOUT.fullmatch(name) and name != LAYOUT:
+                _LOG.info("Removing the %s layout of the cache %s (no checksums)", name, self.root)
+                self._remove_entry(os.path.join(self.root, name))
 
     def entry_dir(self, key: str) -> str:
         """Return the directory of one entry."""
@@ -85,20 +113,32 @@ class BlockCache:
             os.utime(self.entry_dir(key))
 
     def read_block(self, key: str, index: int, expected: int) -> bytes | None:
-        """Return a cached block, or `None` if absent or of the wrong size."""
+        """Return a cached block's bytes, checked against its CRC32C; `None` if absent or corrupt.
+
+        A corrupt block (wrong size, or bytes that do not match their checksum) is
+        deleted, counted in `corrupt` and logged: the caller fetches it again.
+        """
         path = self.block_path(key, index)
         try:
-            with open(path, "rb", buffering=0) as stream:
-                data = stream.read(expected + 1)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        if len(data) != expected:
-            _LOG.warning(
-                "Discarding corrupt cache block %s (%d bytes, expected %d)", path, len(data), expected
-            )
-            self.discard_block(key, index)
-            return None
-        return data
+        try:
+            data = os.pread(fd, expected, 0)
+            trailer = os.pread(fd, _CRC + 1, expected)
+        finally:
+            os.close(fd)
+        if len(data) != expected or len(trailer) != _CRC:
+            problem = f"{len(data) + len(trailer) - _CRC} bytes, expected {expected}"
+        elif crc32c(data) != trailer:
+            problem = "its bytes do not match their CRC32C"
+        else:
+            return data
+        _LOG.warning("Discarding corrupt cache block %s (%s); fetching it again", path, problem)
+        with self._lock:
+            self.corrupt += 1
+        self.discard_block(key, index)
+        return None
 
     def has_block(self, key: str, index: int) -> bool:
         """Whether a block is cached (its size is checked when read)."""
@@ -114,9 +154,17 @@ class BlockCache:
         directory = self.entry_dir(key)
         temp = os.path.join(directory, f".{index:08d}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         try:
-            os.makedirs(directory, exist_ok=True)
-            with open(temp, "wb", buffering=0) as stream:
-                stream.write(data)
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:  # the entry's first block (or the entry was evicted)
+                os.makedirs(directory, exist_ok=True)
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                trailer = crc32c(data)
+                if os.writev(fd, [data, trailer]) != len(data) + len(trailer):
+                    raise OSError(errno.ENOSPC, "short write")  # the disk filled up mid-block
+            finally:
+                os.close(fd)
             os.replace(temp, self.block_path(key, index))
         except OSError as err:
             with contextlib.suppress(OSError):
@@ -129,7 +177,7 @@ class BlockCache:
                 return False
             raise
         with self._lock:
-            self._used += len(data)
+            self._used += len(data) + _CRC
             over = self._used > self.limit
         if over:
             self.evict()
@@ -175,7 +223,7 @@ class BlockCache:
         self._remove_entry(self.entry_dir(key))
 
     def discard_block(self, key: str, index: int) -> None:
-        """Remove one block of the wrong size."""
+        """Remove one corrupt block."""
         with contextlib.suppress(FileNotFoundError):
             os.remove(self.block_path(key, index))
 

@@ -1,36 +1,61 @@
-"""Lazy reads of remote artifacts: ranged GETs, read-ahead, single flight, the block cache.
+"""Lazy reads of remote artifacts: a fetch plan per reader, streamed GETs, single flight, the cache.
 
-A read asks for the blocks it covers. A block comes from memory (recently fetched),
-else the on-disk cache, else a ranged GET. Reads that look sequential grow a
-read-ahead window (mountpoint-s3 style: doubling up to `Fetcher.max_window`), filled
-by parallel GETs of up to ``part_size`` bytes, all through one thread pool whose size
-is the global concurrency limit. A block being fetched is fetched once: concurrent
-readers of it wait on the same future. Artifacts below ``small_object`` bytes come
-whole in one GET.
+A read asks for the blocks it covers. A block comes from memory (recently fetched or
+read), else the on-disk cache (checked against its CRC32C), else a GET. What a GET
+covers is the plan of the artifact's `RemoteReader`, which watches its reads:
+
+- the first read, and reads that jump about, fetch exactly the blocks they cover (a
+  header read fetches a block or two, whatever the artifact's size); once reads keep
+  jumping, each miss fetches an aligned chunk sized so that its extra bytes cost no more
+  than a quarter of a request's first-byte latency (no extra bytes against S3, chunks
+  of megabytes against a server whose every GET is slow);
+- reads that follow each other grow a read-ahead window, quadrupling from 1 MiB up to
+  `Fetcher.max_window`, fetched as parallel GETs whose size grows with the window up
+  to a part size at which the first-byte latency costs a quarter of a part's time
+  (8 MiB at 20 ms and 100 MB/s per connection; larger against a slow-to-answer server).
+
+Each GET streams: its blocks are handed to readers as they arrive, so a large GET
+costs no latency. GETs run on `concurrency` fetch threads, reads that wait first,
+read-ahead after. A block being fetched is fetched once: concurrent readers of it wait
+for the same slot. A read waits at most ``timeout`` seconds from its start, whatever
+the queue, and then fails with ``EIO``; the kernel's immediate retry of a failed read
+fails at once instead of waiting again.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import errno
 import hashlib
+import heapq
+import itertools
 import logging
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable
 
 from .cache import BLOCK_SIZE, BlockCache
 from .errors import FsError
-from .remote import ObjectStore
+from .remote import ObjectStore, abandon_when
 
 __all__ = ["Fetcher", "RemoteObject", "RemoteReader"]
 
 _LOG = logging.getLogger(__name__)
 
-_NEAR = 16 * BLOCK_SIZE  # reads within this distance of the last one count as sequential
+_MIB = 1 << 20
+_NEAR = 16 * _MIB  # reads within this distance of the last one count as sequential
+_FIRST_WINDOW = 1 * _MIB
+_MIN_PART = 8 * _MIB  # the part size AWS recommends for S3
+_MAX_PART = 4096 * _MIB  # a GET this long streams only as far ahead as the reader's window
+_MAX_CHUNK = 64 * _MIB  # largest chunk a random read fetches
+_STREAM_IDLE = 10.0  # seconds a GET held back by its reader's window waits before it is dropped
+_FAILED_RETRY_WINDOW = 1.0  # seconds during which the kernel's retry of a failed read fails at once
+_DEMAND, _AHEAD = 0, 1
+_DISK_AHEAD = 32  # cached blocks a sequential reader has read from disk ahead of it (8 MiB)
+_DISK_THREADS = 4
 
 
 @dataclasses.dataclass(eq=False)
@@ -46,6 +71,9 @@ class RemoteObject:
     checksum: str | None = None
     cached: set[int] = dataclasses.field(default_factory=set)
     """Blocks known to be in the disk cache."""
+    latency: float | None = None
+    """Least seconds to the first bytes of a GET of this object, once measured (queueing on a
+    busy machine only ever adds to it)."""
 
     @property
     def blocks(self) -> int:
@@ -57,27 +85,70 @@ class RemoteObject:
         return min(BLOCK_SIZE, self.size - index * BLOCK_SIZE)
 
 
+class _Slot:
+    """A block on its way: readers wait here until its GET delivers it or fails."""
+
+    __slots__ = ("data", "done", "error", "part", "waiters")
+
+    def __init__(self, part: _Part) -> None:
+        self.part = part
+        self.done = threading.Event()
+        self.data: bytes | None = None
+        self.error: FsError | None = None
+        """Set when the GET failed; `None` with no data: abandoned read-ahead, ask again."""
+        self.waiters = 0
+
+
+@dataclasses.dataclass(eq=False)
+class _Part:
+    """One GET: blocks ``first`` to ``last`` of an object."""
+
+    obj: RemoteObject
+    first: int
+    last: int
+    priority: int
+    seq: int
+
+    def __lt__(self, other: _Part) -> bool:
+        return (self.priority, self.seq) < (other.priority, other.seq)
+
+
+class _Estimate:
+    """What a GET costs: first-byte latency, and bytes per second on one connection (moving average)."""
+
+    def __init__(self, latency: float = 0.02, rate: float = 100e6) -> None:
+        self.latency = latency
+        self.rate = rate
+
+    def add_latency(self, seconds: float) -> None:
+        self.latency += 0.3 * (seconds - self.latency)
+
+    def add_rate(self, nbytes: int, seconds: float) -> None:
+        """Bytes that arrived after the first block, and the seconds spent receiving them."""
+        if nbytes >= 4 * BLOCK_SIZE and seconds > 0:
+            self.rate += 0.3 * (nbytes / seconds - self.rate)
+
+
 class Fetcher:
     """Shared by every open remote artifact of a mount.
 
     Parameters
     ----------
     store : `ObjectStore`
-        Where bytes come from.
+        Where bytes come from (any store with ``get_range``; ``iter_range`` streams).
     cache : `BlockCache`, optional
         Where they are kept.
     concurrency : `int`, optional
         Most GETs in flight at once, for the whole mount.
-    part_size : `int`, optional
-        Largest single GET, in bytes.
+    timeout : `float`, optional
+        Seconds a read may wait for its blocks before failing with ``EIO``.
     small_object : `int`, optional
         Artifacts up to this size are fetched whole on first read.
     max_window : `int`, optional
         Largest read-ahead window, in bytes.
     memory_blocks : `int`, optional
-        Recently fetched blocks kept in memory (serving reads without a disk round
-        trip, and all reads when the cache disk is full); by default a whole window
-        plus the parts in flight.
+        Blocks kept in memory (fetched ahead, or read from disk); by default a whole
+        window and two parts more.
     """
 
     def __init__(
@@ -86,25 +157,39 @@ class Fetcher:
         cache: BlockCache | None,
         *,
         concurrency: int = 16,
-        part_size: int = 8 * BLOCK_SIZE,
-        small_object: int = 2 * BLOCK_SIZE,
-        max_window: int = 256 * BLOCK_SIZE,
+        timeout: float = 30.0,
+        small_object: int = 2 * _MIB,
+        max_window: int = 128 * _MIB,
         memory_blocks: int | None = None,
     ) -> None:
         self.store = store
         self.cache = cache
-        self.part_blocks = max(1, part_size // BLOCK_SIZE)
+        self.concurrency = concurrency
+        self.timeout = timeout
         self.small_object = small_object
         self.max_window = max_window
-        self._pool = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="butlerfs-fetch")
+        self.estimate = _Estimate()
         self._lock = threading.Lock()
-        self._inflight: dict[tuple[str, int], concurrent.futures.Future[dict[int, bytes]]] = {}
-        self._memory: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
-        # Room for a whole read-ahead window plus the parts in flight: blocks fetched ahead
-        # must still be held when the reader gets there (always so without a disk cache).
-        self._memory_blocks = memory_blocks or max_window // BLOCK_SIZE + concurrency * self.part_blocks
+        self._work = threading.Condition(self._lock)
+        self._queue: list[_Part] = []
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._closed = False
+        self._seq = itertools.count()
+        self._slots: dict[tuple[str, int], _Slot] = {}
+        self._memory: collections.OrderedDict[tuple[str, int], bytes | memoryview] = collections.OrderedDict()
+        """Blocks fetched or read from disk, oldest arrival first."""
+        self._memory_blocks = memory_blocks or (max_window + 2 * _MIN_PART) // BLOCK_SIZE
+        self._failed: dict[str, float] = {}
+        """Per key, when a read of it last failed: reads that need a GET fail at once for a moment."""
+        self._limit: dict[str, int] = {}
+        """Per key, the last block GETs may deliver now: a long GET waits for its readers."""
+        self._readers = collections.Counter[str]()
+        self._moved = threading.Condition(self._lock)
+        self._loading: dict[tuple[str, int], concurrent.futures.Future[None]] = {}
+        self._disk: concurrent.futures.ThreadPoolExecutor | None = None
         self.served = collections.Counter[str]()
-        """Blocks served from ``memory``, the disk ``cache``, or a ``fetch``."""
+        """Blocks served from ``memory``, the disk ``cache``, or a ``fetch``; ``timeouts``."""
 
     def stats(self) -> dict[str, int]:
         """Counters of this mount's remote reads since it started."""
@@ -114,59 +199,251 @@ class Fetcher:
             "blocks_from_memory": self.served["memory"],
             "blocks_from_cache": self.served["cache"],
             "blocks_fetched": self.served["fetch"],
+            "blocks_corrupt": self.cache.corrupt if self.cache is not None else 0,
+            "reads_timed_out": self.served["timeouts"],
         }
 
     def open(self, key: str, uri: str, size: int, base: int = 0, checksum: str | None = None) -> RemoteReader:
         """Open a remote artifact for reading; nothing is fetched yet."""
         obj = RemoteObject(key, uri, size, base, checksum)
+        with self._lock:
+            self._readers[key] += 1
         if self.cache is not None:
             self.cache.touch(key)
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 obj.cached = {int(name) for name in os.listdir(self.cache.entry_dir(key)) if name.isdigit()}
+            except FileNotFoundError:
+                pass
         return RemoteReader(self, obj)
+
+    # Planning helpers (the reader decides; these size what it asks for)
+
+    def window_limit(self) -> int:
+        """Largest read-ahead window now: without a disk cache, the open files share the memory."""
+        if self.cache is not None:
+            return self.max_window
+        with self._lock:
+            readers = max(1, len(self._readers))
+        return max(_FIRST_WINDOW, min(self.max_window, self._memory_blocks * BLOCK_SIZE // (2 * readers)))
+
+    def part_blocks(self, obj: RemoteObject) -> int:
+        """Blocks per read-ahead GET: first-byte latency at most a quarter of a part's time."""
+        latency = obj.latency if obj.latency is not None else self.estimate.latency
+        size = 4 * latency * self.estimate.rate
+        return _pow2_blocks(min(_MAX_PART, max(_MIN_PART, size)))
+
+    def chunk_blocks(self, obj: RemoteObject) -> int:
+        """Blocks per GET of a random read: its extra bytes cost at most a quarter of the latency."""
+        latency = obj.latency if obj.latency is not None else self.estimate.latency
+        return _pow2_blocks(min(_MAX_CHUNK, latency * self.estimate.rate / 4))
 
     # Scheduling
 
-    def request(self, obj: RemoteObject, first: int, last: int) -> None:
-        """Start fetching the blocks of ``[first, last]`` that are neither held nor in flight."""
-        missing: list[int] = []
-        with self._lock:
-            for index in range(first, last + 1):
-                key = (obj.key, index)
-                if index in obj.cached or key in self._memory or key in self._inflight:
-                    continue
-                missing.append(index)
-            for run in _runs(missing, self.part_blocks):
-                future = self._pool.submit(self._fetch, obj, run[0], run[-1])
-                for index in run:
-                    self._inflight[(obj.key, index)] = future
+    def request(
+        self,
+        obj: RemoteObject,
+        first: int,
+        last: int,
+        *,
+        part_blocks: int = 0,
+        demand: tuple[int, int] | None = None,
+        aligned: bool = True,
+        limit: int | None = None,
+    ) -> None:
+        """Start fetching the blocks of ``[first, last]`` that are neither held nor on their way.
 
-    def _fetch(self, obj: RemoteObject, first: int, last: int) -> dict[int, bytes]:
-        start = first * BLOCK_SIZE
-        end = min((last + 1) * BLOCK_SIZE, obj.size)
+        Parameters
+        ----------
+        obj : `RemoteObject`
+            The artifact.
+        first, last : `int`
+            Blocks wanted.
+        part_blocks : `int`, optional
+            Largest GET in blocks, and the alignment of GETs (so that later requests of a
+            stream keep whole parts); default `part_blocks`.
+        demand : `tuple` [`int`, `int`], optional
+            Blocks a read waits for now: their GETs go before read-ahead.
+        aligned : `bool`, optional
+            Split GETs at multiples of ``part_blocks`` (else only by length).
+        limit : `int`, optional
+            Last block the GETs may deliver before the reader comes closer; default ``last``.
+        """
+        part_blocks = part_blocks or self.part_blocks(obj)
+        with self._lock:
+            allow = last if limit is None else limit
+            if allow > self._limit.get(obj.key, -1):
+                self._limit[obj.key] = allow
+                self._moved.notify_all()
+            missing = [
+                index
+                for index in range(first, last + 1)
+                if index not in obj.cached
+                and (obj.key, index) not in self._memory
+                and (obj.key, index) not in self._slots
+            ]
+            for run in _runs(missing, part_blocks, aligned):
+                urgent = demand is not None and run[0] <= demand[1] and run[-1] >= demand[0]
+                part = _Part(obj, run[0], run[-1], _DEMAND if urgent else _AHEAD, next(self._seq))
+                for index in run:
+                    self._slots[(obj.key, index)] = _Slot(part)
+                heapq.heappush(self._queue, part)
+            # Threads start as work comes, up to the concurrency limit.
+            while (
+                len(self._queue) > self._idle and len(self._threads) < self.concurrency and not self._closed
+            ):
+                thread = threading.Thread(
+                    target=self._worker, name=f"butlerfs-fetch-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                self._idle += 1
+                thread.start()
+            self._work.notify(len(self._queue))
+
+    def _worker(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closed:
+                    self._work.wait()
+                if self._closed:
+                    return
+                part = heapq.heappop(self._queue)
+                self._idle -= 1
+            try:
+                self._fetch(part)
+            except Exception:  # a bug must not kill the thread and strand waiting readers
+                _LOG.exception("Fetching %s blocks %d-%d failed", part.obj.uri, part.first, part.last)
+                self._finish(part, part.first, FsError(errno.EIO, "internal error while fetching"))
+            finally:
+                with self._lock:
+                    self._idle += 1
+
+    def _nobody_waits(self, part: _Part, index: int) -> bool:
+        """Whether no reader waits for a block of ``part`` from ``index`` on (read-ahead only)."""
+        with self._lock:
+            return all(
+                (slot := self._slots.get((part.obj.key, i))) is None
+                or slot.part is not part
+                or not slot.waiters
+                for i in range(index, part.last + 1)
+            )
+
+    def _fetch(self, part: _Part) -> None:
+        obj = part.obj
+        start = part.first * BLOCK_SIZE
+        end = min((part.last + 1) * BLOCK_SIZE, obj.size)
+        index = part.first
+        sent = time.monotonic()
+        first_at = None
+        receiving = 0.0  # seconds spent waiting for bytes after the first block (not for the reader)
+        stream = iter(self._stream(obj, start, end))
         try:
-            data = self.store.get_range(obj.uri, obj.base + start, obj.base + end)
-            blocks = {
-                i: data[(i - first) * BLOCK_SIZE : (i - first + 1) * BLOCK_SIZE]
-                for i in range(first, last + 1)
-            }
-            with self._lock:
-                for index, block in blocks.items():
-                    self._memory[(obj.key, index)] = block
-                    self._memory.move_to_end((obj.key, index))
-                while len(self._memory) > self._memory_blocks:
-                    self._memory.popitem(last=False)
-            if self.cache is not None:
-                for index, block in blocks.items():
-                    if self.cache.write_block(obj.key, index, block):
-                        obj.cached.add(index)
-                if obj.checksum and len(obj.cached) == obj.blocks:
-                    self._verify(obj)
-            return blocks
+            with abandon_when(lambda: part.priority == _AHEAD and self._nobody_waits(part, index)):
+                while index <= part.last:
+                    if not self._wait_for_reader(obj, index):
+                        raise FsError(errno.EIO, "abandoned: the reader went elsewhere")
+                    before = time.monotonic()
+                    block = next(stream, None)
+                    if block is None:
+                        raise FsError(errno.EIO, f"{obj.uri}: the store sent fewer blocks than asked for")
+                    now = time.monotonic()
+                    if first_at is None:
+                        first_at = now
+                        latency = now - sent
+                        obj.latency = latency if obj.latency is None else min(obj.latency, latency)
+                        self.estimate.add_latency(latency)
+                    else:
+                        receiving += now - before
+                    self._deliver(obj, index, block)
+                    index += 1
+        except FsError as err:
+            self._finish(part, index, err)
+            return
         finally:
-            with self._lock:
-                for index in range(first, last + 1):
-                    self._inflight.pop((obj.key, index), None)
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()  # a GET stopped early closes its connection
+        if first_at is not None:
+            self.estimate.add_rate((index - part.first - 1) * BLOCK_SIZE, receiving)
+            _LOG.debug(
+                "GET %s blocks %d-%d (%s): first bytes after %.3f s, %.3f s in all",
+                obj.key,
+                part.first,
+                part.last,
+                "demand" if part.priority == _DEMAND else "ahead",
+                first_at - sent,
+                time.monotonic() - sent,
+            )
+        if self.cache is not None and obj.checksum and len(obj.cached) == obj.blocks:
+            self._verify(obj)
+
+    def _wait_for_reader(self, obj: RemoteObject, index: int) -> bool:
+        """Hold a GET back until a reader's window reaches block ``index``; `False` to drop it."""
+        deadline = time.monotonic() + _STREAM_IDLE
+        with self._lock:
+            while index > self._limit.get(obj.key, -1):
+                remaining = deadline - time.monotonic()
+                if not self._readers[obj.key] or self._closed or remaining <= 0:
+                    return False
+                self._moved.wait(remaining)
+        return True
+
+    def close(self, obj: RemoteObject) -> None:
+        """A reader of ``obj`` is done: GETs held back for its key go once no reader is left."""
+        with self._lock:
+            self._readers[obj.key] -= 1
+            if self._readers[obj.key] <= 0:
+                del self._readers[obj.key]
+                self._limit.pop(obj.key, None)
+                self._moved.notify_all()
+
+    def _stream(self, obj: RemoteObject, start: int, end: int) -> Iterable[bytes]:
+        """The blocks of ``[start, end)`` of ``obj``, as they arrive."""
+        stream = getattr(self.store, "iter_range", None)
+        if stream is not None:
+            yield from stream(obj.uri, obj.base + start, obj.base + end, BLOCK_SIZE)
+            return
+        data = self.store.get_range(obj.uri, obj.base + start, obj.base + end)
+        for offset in range(0, len(data), BLOCK_SIZE):
+            yield data[offset : offset + BLOCK_SIZE]
+
+    def _deliver(self, obj: RemoteObject, index: int, block: bytes) -> None:
+        """Hand one arrived block to memory, its waiting readers and the disk cache."""
+        key = (obj.key, index)
+        with self._lock:
+            self._memory[key] = block
+            self._memory.move_to_end(key)
+            while len(self._memory) > self._memory_blocks:
+                self._memory.popitem(last=False)
+            slot = self._slots.pop(key, None)
+            self._failed.pop(obj.key, None)  # bytes arrive again
+        # On disk before its waiters wake: a prefetch that returns has everything cached.
+        if self.cache is not None and index not in obj.cached:
+            try:
+                if self.cache.write_block(obj.key, index, block):
+                    obj.cached.add(index)
+            except OSError as err:  # the cache is an optimisation: the read goes on
+                _LOG.warning("Could not cache block %d of %s: %s", index, obj.uri, err)
+        if slot is not None:
+            slot.data = block
+            slot.done.set()
+
+    def _finish(self, part: _Part, index: int, err: FsError) -> None:
+        """Release the blocks of ``part`` from ``index`` on: failed, or abandoned read-ahead."""
+        abandoned = "abandoned" in (err.strerror or "")
+        now = time.monotonic()
+        with self._lock:
+            slots = []
+            for i in range(index, part.last + 1):
+                slot = self._slots.get((part.obj.key, i))
+                if slot is not None and slot.part is part:
+                    del self._slots[(part.obj.key, i)]
+                    slots.append(slot)
+
+            if not abandoned and any(slot.waiters for slot in slots):
+                self._failed[part.obj.key] = now
+        for slot in slots:
+            slot.error = None if abandoned else err
+            slot.done.set()
 
     def _verify(self, obj: RemoteObject) -> None:
         """Check a completely cached artifact against the datastore's checksum once."""
@@ -178,6 +455,7 @@ class Fetcher:
         for index in range(obj.blocks):
             block = self.cache.read_block(obj.key, index, obj.block_len(index))
             if block is None:
+                obj.cached.discard(index)
                 return
             hasher.update(block)
         if hasher.hexdigest() != obj.checksum:
@@ -190,72 +468,168 @@ class Fetcher:
 
     # Reading
 
-    def read_block_into(self, obj: RemoteObject, index: int, view: memoryview, start: int) -> int:
-        """Copy block ``index`` from byte ``start`` into ``view``; return the bytes copied."""
-        length = obj.block_len(index)
-        want = min(len(view), length - start)
-        with self._lock:
-            held = self._memory.get((obj.key, index))
-        if held is None and index in obj.cached and self.cache is not None:
-            if self._read_cached(obj, index, view[:want], start, length):
-                self.served["cache"] += 1
-                return want
-        if held is None:
-            held = self._wait(obj, index)
-            self.served["fetch"] += 1
-        else:
-            self.served["memory"] += 1
-        view[:want] = held[start : start + want]
-        return want
+    def read_blocks_into(
+        self, obj: RemoteObject, first: int, buffer: memoryview, offset: int, deadline: float
+    ) -> int:
+        """Copy bytes from ``offset`` into ``buffer`` from blocks ``first`` on; return the count.
 
-    def _read_cached(self, obj: RemoteObject, index: int, view: memoryview, start: int, length: int) -> bool:
-        assert self.cache is not None
-        try:
-            fd = os.open(self.cache.block_path(obj.key, index), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:  # evicted, perhaps by another mount sharing the cache
-            obj.cached.discard(index)
-            return False
-        try:
-            if os.fstat(fd).st_size != length:
-                obj.cached.discard(index)
-                self.cache.discard_block(obj.key, index)
-                return False
-            return os.preadv(fd, [view], start) == len(view)
-        finally:
-            os.close(fd)
+        Raises
+        ------
+        FsError
+            ``EIO`` when a block cannot be had before ``deadline`` (`time.monotonic`).
+        """
+        done = 0
+        index = first
+        while done < len(buffer):
+            start = offset + done - index * BLOCK_SIZE
+            block = self._block(obj, index, deadline)
+            want = min(len(buffer) - done, len(block) - start)
+            buffer[done : done + want] = block[start : start + want]
+            done += want
+            index += 1
+        return done
 
-    def _wait(self, obj: RemoteObject, index: int) -> bytes:
-        for _ in range(3):
+    def _block(self, obj: RemoteObject, index: int, deadline: float) -> bytes | memoryview:
+        key = (obj.key, index)
+        while True:
             with self._lock:
-                future = self._inflight.get((obj.key, index))
-                held = self._memory.get((obj.key, index))
-            if held is not None:
-                return held
-            if future is None:
-                self.request(obj, index, index)
+                held = self._memory.get(key)
+                if held is not None:
+                    # No move to the end: memory is first in, first out, so that blocks read
+                    # ahead and not yet read go after the ones a reader has just passed.
+                    self.served["memory"] += 1
+                    return held
+                slot = self._slots.get(key)
+                failed = self._failed.get(obj.key)
+                loading = self._loading.get(key)
+                mine = None
+                if loading is None and index in obj.cached and self.cache is not None:
+                    # A block is read from disk once at a time, as it is fetched once.
+                    mine = self._loading[key] = concurrent.futures.Future()
+            if loading is not None:  # being read from disk by another reader or ahead
+                loading.result()
                 continue
-            blocks = future.result()  # raises the FsError of a failed GET
-            if index in blocks:
-                return blocks[index]
-        raise FsError(errno.EIO, f"could not obtain block {index} of {obj.uri}")
+            if mine is not None:
+                try:
+                    block = self._load(obj, index)
+                finally:
+                    with self._lock:
+                        self._loading.pop(key, None)
+                    mine.set_result(None)
+                if block is not None:
+                    self.served["cache"] += 1
+                    return block
+                continue
+            if failed is not None and time.monotonic() - failed < _FAILED_RETRY_WINDOW:
+                # The kernel follows a failed read with more requests for the same read()
+                # (the rest of its range, then a retry of the page it needs): they must not
+                # each wait another timeout.
+                raise FsError(errno.EIO, f"block {index} of {obj.uri}: a read of it failed just now")
+            if slot is None:
+                self.request(obj, index, index, part_blocks=1, demand=(index, index), aligned=False)
+                continue
+            data = self._wait(obj, index, slot, deadline)
+            if data is not None:
+                self.served["fetch"] += 1
+                return data
+
+    def _wait(self, obj: RemoteObject, index: int, slot: _Slot, deadline: float) -> bytes | None:
+        """Wait for a slot until ``deadline``; its data, or `None` to look again (abandoned)."""
+        with self._lock:
+            slot.waiters += 1
+            if slot.part.priority == _AHEAD and slot.part in self._queue:
+                # A reader needs it now: move it before the read-ahead.
+                slot.part.priority = _DEMAND
+                heapq.heapify(self._queue)
+        try:
+            if not slot.done.wait(max(0.0, deadline - time.monotonic())):
+                with self._lock:
+                    self.served["timeouts"] += 1
+                    self._failed[obj.key] = time.monotonic()
+                raise FsError(errno.EIO, f"block {index} of {obj.uri}: no answer within {self.timeout:g} s")
+        finally:
+            with self._lock:
+                slot.waiters -= 1
+        if slot.error is not None:
+            raise FsError(errno.EIO, slot.error.strerror or "fetch failed")
+        return slot.data
+
+    def _load(self, obj: RemoteObject, index: int) -> bytes | None:
+        """Read a cached block from disk into memory; `None` if it is gone or corrupt (then fetch it)."""
+        assert self.cache is not None
+        block = self.cache.read_block(obj.key, index, obj.block_len(index))
+        if block is None:
+            obj.cached.discard(index)
+            return None
+        with self._lock:
+            self._memory[(obj.key, index)] = block
+            while len(self._memory) > self._memory_blocks:
+                self._memory.popitem(last=False)
+        return block
+
+    def preload(self, obj: RemoteObject, first: int, last: int) -> None:
+        """Read cached blocks of ``[first, last]`` from disk into memory, in parallel, ahead of a reader."""
+        if self.cache is None:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            wanted = [
+                index
+                for index in range(first, last + 1)
+                if index in obj.cached
+                and (obj.key, index) not in self._memory
+                and (obj.key, index) not in self._loading
+            ]
+            if not wanted:
+                return
+            if self._disk is None:
+                self._disk = concurrent.futures.ThreadPoolExecutor(_DISK_THREADS, "butlerfs-disk")
+            for index in wanted:
+                self._loading[(obj.key, index)] = self._disk.submit(self._preload_one, obj, index)
+
+    def _preload_one(self, obj: RemoteObject, index: int) -> None:
+        try:
+            self._load(obj, index)
+        finally:
+            with self._lock:
+                self._loading.pop((obj.key, index), None)
 
     def fetch_all(self, obj: RemoteObject) -> None:
-        """Bring every block of ``obj`` into the cache (for prefetch)."""
+        """Bring every block of ``obj`` into the cache (for prefetch); wait for it."""
         self.request(obj, 0, obj.blocks - 1)
         for index in range(obj.blocks):
-            if index not in obj.cached:
+            if index in obj.cached:
+                continue
+            while True:
                 with self._lock:
-                    future = self._inflight.get((obj.key, index))
-                if future is not None:
-                    future.result()
+                    slot = self._slots.get((obj.key, index))
+                if slot is None:
+                    break
+                slot.done.wait()
+                if slot.error is not None:
+                    raise FsError(errno.EIO, slot.error.strerror or "fetch failed")
+                if slot.data is not None:
+                    break
+            if index not in obj.cached and (
+                self.cache is None or self.cache.read_block(obj.key, index, obj.block_len(index)) is None
+            ):
+                self._block(obj, index, time.monotonic() + self.timeout)
 
     def shutdown(self) -> None:
-        """Stop the fetch threads."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the fetch threads (a GET in progress completes in the background)."""
+        with self._lock:
+            self._closed = True
+            self._queue.clear()
+            self._work.notify_all()
+            self._moved.notify_all()
+            disk, self._disk = self._disk, None
+        if disk is not None:
+            disk.shutdown(wait=False, cancel_futures=True)
 
 
 class RemoteReader:
-    """One open remote artifact: tracks its read pattern to size the read-ahead."""
+    """One open remote artifact: watches its reads to plan what each GET covers."""
 
     def __init__(self, fetcher: Fetcher, obj: RemoteObject) -> None:
         self._fetcher = fetcher
@@ -265,10 +639,12 @@ class RemoteReader:
         self._next = 0
         self._window = 0
         self._reads = 0
+        self._jumps = 0
         self._run_start = 0
 
     def read_into(self, buffer: memoryview, offset: int) -> int:
         """Fill ``buffer`` from ``offset``; return the number of bytes read."""
+        deadline = time.monotonic() + self._fetcher.timeout
         obj = self.obj
         if offset >= obj.size:
             return 0
@@ -279,41 +655,60 @@ class RemoteReader:
             # The kernel's parallel read-ahead requests arrive slightly out of order.
             sequential = self._reads > 0 and abs(offset - self._next) <= _NEAR
             if not sequential:
+                self._jumps += self._reads > 0
                 self._window, self._run_start = 0, offset
-            elif end - self._run_start > BLOCK_SIZE:
-                # Only a run longer than one block grows a window: with the kernel's default
-                # 128 KiB read-ahead (an unprivileged mount cannot raise it) a FITS header read
-                # arrives as two or three sequential requests inside the first block.
-                self._window = min(fetcher.max_window, max(BLOCK_SIZE, self._window * 2))
+            elif end - self._run_start > 2 * BLOCK_SIZE:
+                # Only a run past its first two blocks grows a window: a FITS header read
+                # arrives as a few sequential requests inside them.
+                self._window = min(fetcher.window_limit(), max(_FIRST_WINDOW, self._window * 4))
             self._reads += 1
             self._next = max(self._next, end) if sequential else end
-            window = self._window
+            window, jumps = self._window, self._jumps
+        _LOG.debug("read %s [%d, %d): window %d, jumps %d", obj.key, offset, end, window, jumps)
         if obj.size <= fetcher.small_object:
-            fetcher.request(obj, 0, obj.blocks - 1)
+            fetcher.request(obj, 0, obj.blocks - 1, part_blocks=obj.blocks, demand=(first, last))
         elif window:
+            fetcher.preload(obj, last + 1, min(obj.blocks - 1, last + _DISK_AHEAD))
             # Demand and read-ahead in one request, its end rounded up to a part boundary:
-            # parts stay whole and aligned (as boto3's are), so a full window never
-            # degenerates into one small GET per read.
-            parts = fetcher.part_blocks
-            stop = ((last + window // BLOCK_SIZE) // parts + 1) * parts - 1
-            fetcher.request(obj, first, min(obj.blocks - 1, stop))
+            # parts stay whole and aligned, so a full window keeps issuing whole parts. A
+            # part longer than the window streams only as far as the window reaches.
+            parts = fetcher.part_blocks(obj)
+            ahead = last + window // BLOCK_SIZE
+            stop = (ahead // parts + 1) * parts - 1
+            fetcher.request(
+                obj, first, min(obj.blocks - 1, stop), part_blocks=parts, demand=(first, last), limit=ahead
+            )
+        elif jumps >= 2:
+            # Random access: an aligned chunk around the read, as large as the latency makes free.
+            chunk = max(1, fetcher.chunk_blocks(obj))
+            lo, hi = first // chunk * chunk, min(obj.blocks - 1, (last // chunk + 1) * chunk - 1)
+            fetcher.request(obj, lo, hi, part_blocks=chunk, demand=(first, last))
         else:
-            fetcher.request(obj, first, last)
-        done = 0
-        for index in range(first, last + 1):
-            start = (offset + done) - index * BLOCK_SIZE
-            done += fetcher.read_block_into(obj, index, buffer[done : end - offset], start)
-        return done
+            fetcher.request(
+                obj, first, last, part_blocks=last - first + 1, demand=(first, last), aligned=False
+            )
+        return fetcher.read_blocks_into(obj, first, buffer[: end - offset], offset, deadline)
 
     def close(self) -> None:
-        """Nothing to release: blocks stay cached, fetches in flight complete."""
+        """Let GETs held back for this reader go: blocks stay cached, other fetches complete."""
+        self._fetcher.close(self.obj)
 
 
-def _runs(indices: list[int], longest: int) -> Iterator[list[int]]:
-    """Split sorted indices into runs of consecutive values within aligned parts of ``longest``."""
+def _pow2_blocks(nbytes: float) -> int:
+    """The largest power of two of blocks within ``nbytes`` (at least one block)."""
+    blocks = max(1, int(nbytes // BLOCK_SIZE))
+    return 1 << (blocks.bit_length() - 1)
+
+
+def _runs(indices: list[int], longest: int, aligned: bool = True) -> Iterable[list[int]]:
+    """Split sorted indices into runs of consecutive values.
+
+    Runs stay within aligned parts of ``longest`` values, or hold at most ``longest``
+    values when not ``aligned``.
+    """
     run: list[int] = []
     for index in indices:
-        if run and (index != run[-1] + 1 or index % longest == 0):
+        if run and (index != run[-1] + 1 or (index % longest == 0 if aligned else len(run) == longest)):
             yield run
             run = []
         run.append(index)

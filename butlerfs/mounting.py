@@ -53,6 +53,10 @@ _LOG = logging.getLogger(__name__)
 
 READY_FD_ENV = "BUTLERFS_READY_FD"
 READ_AHEAD_KB = 4096
+REMOTE_READ_AHEAD_KB = 256
+"""The kernel's read-ahead of a mount with a remote datastore: one cache block, so that the
+first read of a header (which the kernel widens to its read-ahead) fetches one block; the
+daemon's own read-ahead takes over for sequential reads."""
 
 
 @dataclasses.dataclass
@@ -68,7 +72,9 @@ class MountOptions:
     subtree_limit: int = 20_000
     threads: bool = True
     allow_other: bool = False
-    read_ahead_kb: int = READ_AHEAD_KB
+    read_ahead_kb: int | None = None
+    """The kernel's read-ahead for the mount (as root): by default `READ_AHEAD_KB`, or
+    `REMOTE_READ_AHEAD_KB` when a datastore is remote."""
     cache_dir: str | None = None
     """Block cache of remote artifacts; default `butlerfs.cache.default_cache_dir`."""
     cache_size: int = 10 << 30
@@ -338,7 +344,7 @@ def make_opener(options: MountOptions, roots: Sequence[str]) -> ArtifactOpener:
                 raise UsageError(
                     f"cannot use cache directory {cache_dir}: {err.strerror} (see --cache-dir)"
                 ) from None
-        return Fetcher(store, cache, concurrency=options.fetch_concurrency)
+        return Fetcher(store, cache, concurrency=options.fetch_concurrency, timeout=options.timeout)
 
     opener = ArtifactOpener(fetcher)
     remote = [root for root in roots if root.startswith("s3://")]
@@ -364,7 +370,12 @@ def serve(options: MountOptions, on_mounted: Callable[[], None] | None = None) -
     from .source import ButlerSource
 
     index = RepoIndex(options.repo, options.collections, options.dataset_types, options.where)
-    opener = make_opener(options, index.datastore_roots())
+    roots = index.datastore_roots()
+    opener = make_opener(options, roots)
+    read_ahead_kb = options.read_ahead_kb
+    if read_ahead_kb is None:
+        remote = any(not root.startswith("file:") for root in roots)
+        read_ahead_kb = REMOTE_READ_AHEAD_KB if remote else READ_AHEAD_KB
     source = ButlerSource(index, refresh=options.refresh, subtree_limit=options.subtree_limit, opener=opener)
 
     def after_mount() -> None:
@@ -375,8 +386,8 @@ def serve(options: MountOptions, on_mounted: Callable[[], None] | None = None) -
         except OSError as err:
             _LOG.error("Mount point %s unusable after mounting: %s", options.mountpoint, err)
             return
-        if os.geteuid() == 0 and options.read_ahead_kb:
-            _tune_read_ahead(st_dev, options.read_ahead_kb)
+        if os.geteuid() == 0 and read_ahead_kb:
+            _tune_read_ahead(st_dev, read_ahead_kb)
         _LOG.info("Mounted %s at %s", options.repo, options.mountpoint)
         if on_mounted is not None:
             on_mounted()

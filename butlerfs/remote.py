@@ -10,6 +10,8 @@ again when the endpoint returns.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import errno
 import functools
@@ -17,7 +19,7 @@ import logging
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import boto3
@@ -27,7 +29,7 @@ from lsst.resources.s3utils import _get_s3_connection_parameters
 
 from .errors import FsError, UsageError
 
-__all__ = ["ObjectStore", "RetryPolicy", "is_remote", "split_s3_uri"]
+__all__ = ["Attempts", "ObjectStore", "RetryPolicy", "abandon_when", "is_remote", "split_s3_uri"]
 
 _T = TypeVar("_T")
 
@@ -47,6 +49,23 @@ _RETRYABLE = (
 
 class _ShortReadError(Exception):
     """The server sent fewer bytes than the range asked for."""
+
+
+_ABANDON: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar("abandon", default=None)
+
+
+@contextlib.contextmanager
+def abandon_when(predicate: Callable[[], bool]) -> Iterator[None]:
+    """Within the block, a failed request of this thread is not retried once ``predicate()`` is true.
+
+    The fetcher uses it for read-ahead nobody waits for: retrying it would hold a
+    connection and a fetch thread that a reader may need.
+    """
+    token = _ABANDON.set(predicate)
+    try:
+        yield
+    finally:
+        _ABANDON.reset(token)
 
 
 def is_remote(uri: str) -> bool:
@@ -92,6 +111,79 @@ class RetryPolicy:
             read_timeout=max(floor, min(cls.read_timeout, timeout)),
             deadline=timeout,
         )
+
+    def run(self, what: str, call: Callable[[], _T], retryable: Callable[[Exception], str | None]) -> _T:
+        """Call ``call`` until it succeeds, retrying the failures ``retryable`` names, within the deadline.
+
+        Store-agnostic: any store (S3, HTTP) gives its own classification.
+
+        Parameters
+        ----------
+        what : `str`
+            What is being fetched, for messages.
+        call : callable
+            One attempt.
+        retryable : callable
+            Returns a reason for an exception worth retrying, else `None` (re-raised).
+
+        Raises
+        ------
+        FsError
+            ``EIO`` once no retry fits before the deadline, or the attempt was abandoned.
+        """
+        attempts = Attempts(self, what)
+        while True:
+            try:
+                return call()
+            except Exception as err:  # noqa: BLE001 -- classified just below
+                attempts.failed(_classify(what, err, retryable))
+
+
+def _classify(what: str, err: Exception, retryable: Callable[[Exception], str | None]) -> str:
+    """The reason to retry after ``err``; re-raise it (or the classifier's `FsError`) otherwise."""
+    try:
+        reason = retryable(err)
+    except FsError as fatal:
+        raise FsError(fatal.errno or errno.EIO, f"{what}: {fatal.strerror}") from None
+    if reason is None:
+        raise err
+    return reason
+
+
+class Attempts:
+    """The retry bookkeeping of one request: back-off, and the deadline since the last progress.
+
+    Parameters
+    ----------
+    policy : `RetryPolicy`
+        Back-off and deadline.
+    what : `str`
+        What is being fetched, for messages.
+    """
+
+    def __init__(self, policy: RetryPolicy, what: str) -> None:
+        self.policy = policy
+        self.what = what
+        self.count = 0
+        self.progress()
+
+    def progress(self) -> None:
+        """Bytes arrived: the deadline counts from now, and the back-off starts over."""
+        self._since = time.monotonic()
+        self._pause = self.policy.backoff
+
+    def failed(self, reason: str) -> None:
+        """Sleep before the next attempt, or raise ``EIO`` if it would start past the deadline."""
+        self.count += 1
+        abandon = _ABANDON.get()
+        if abandon is not None and abandon():
+            raise FsError(errno.EIO, f"{self.what}: {reason} (abandoned: nobody waits for it)")
+        if time.monotonic() - self._since + self._pause > self.policy.deadline:
+            _LOG.warning("Giving up on %s after %d attempts: %s", self.what, self.count, reason)
+            raise FsError(errno.EIO, f"{self.what}: {reason} after {self.count} attempts")
+        _LOG.info("Retrying %s in %.1f s: %s", self.what, self._pause, reason)
+        time.sleep(self._pause)
+        self._pause = min(self._pause * 2, 5.0)
 
 
 class ObjectStore:
@@ -149,42 +241,63 @@ class ObjectStore:
                 raise _ShortReadError(f"short read ({len(data)} of {end - start} bytes)")
             return data
 
-        data = self._with_retries(f"{uri} [{start}, {end})", get)
+        data = self.policy.run(f"{uri} [{start}, {end})", get, _retryable)
         with self._lock:
             self.requests += 1
             self.bytes_fetched += len(data)
         return data
 
+    def iter_range(self, uri: str, start: int, end: int, chunk: int) -> Iterator[bytes]:
+        """Yield bytes ``[start, end)`` of an object in pieces of ``chunk`` bytes as they arrive.
+
+        One GET streams the range; a broken stream is resumed where it stopped, with the
+        retry policy's back-off and a deadline counted from the last bytes received.
+        Closing the iterator early closes the connection.
+
+        Raises
+        ------
+        FsError
+            As `get_range`.
+        """
+        profile, bucket, key = split_s3_uri(uri)
+        client = self._client(profile)
+        attempts = Attempts(self.policy, f"{uri} [{start}, {end})")
+        pos = start
+        while pos < end:
+            body = None
+            try:
+                response = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={pos}-{end - 1}")
+                with self._lock:
+                    self.requests += 1
+                body = response["Body"]
+                while pos < end:
+                    want = min(chunk, end - pos)
+                    data = body.read(want)
+                    while 0 < len(data) < want:  # urllib3 may hand over less than asked
+                        more = body.read(want - len(data))
+                        if not more:
+                            break
+                        data += more
+                    if len(data) != want:
+                        got = pos - start + len(data)
+                        raise _ShortReadError(f"short read ({got} of {end - start} bytes)")
+                    with self._lock:
+                        self.bytes_fetched += want
+                    pos += want
+                    attempts.progress()
+                    yield data
+            except Exception as err:  # noqa: BLE001 -- classified just below
+                attempts.failed(_classify(attempts.what, err, _retryable))
+            finally:
+                if body is not None:
+                    body.close()
+
     def size(self, uri: str) -> int:
         """Return an object's size (a HEAD: only for artifacts whose record lacks it)."""
         profile, bucket, key = split_s3_uri(uri)
         client = self._client(profile)
-        head = self._with_retries(uri, lambda: client.head_object(Bucket=bucket, Key=key))
+        head = self.policy.run(uri, lambda: client.head_object(Bucket=bucket, Key=key), _retryable)
         return int(head["ContentLength"])
-
-    def _with_retries(self, what: str, call: Callable[[], _T]) -> _T:
-        policy = self.policy
-        first = time.monotonic()
-        pause = policy.backoff
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return call()
-            except botocore.exceptions.ClientError as err:
-                code = err.response.get("Error", {}).get("Code", "")
-                status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                if status < 500 and code not in ("SlowDown", "RequestTimeout", "Throttling"):
-                    raise FsError(errno.EIO, f"{what}: {code or status}") from None
-                reason = f"{code or status}"
-            except (*_RETRYABLE, _ShortReadError) as err:
-                reason = str(err) if isinstance(err, _ShortReadError) else type(err).__name__
-            if time.monotonic() - first + pause > policy.deadline:
-                _LOG.warning("Giving up on %s after %d attempts: %s", what, attempt, reason)
-                raise FsError(errno.EIO, f"{what}: {reason} after {attempt} attempts")
-            _LOG.info("Retrying %s in %.1f s: %s", what, pause, reason)
-            time.sleep(pause)
-            pause = min(pause * 2, 5.0)
 
     def check_access(self, root: str) -> None:
         """Check at mount time that the datastore root's bucket can be read.
@@ -216,3 +329,24 @@ class ObjectStore:
             raise UsageError(
                 f"cannot reach the S3 endpoint for {root}: {err} (check S3_ENDPOINT_URL)"
             ) from None
+
+
+def _retryable(err: Exception) -> str | None:
+    """Why an S3 request that raised ``err`` is worth retrying; `None` if it is not.
+
+    Raises
+    ------
+    FsError
+        ``EIO`` at once for an S3 error that no retry can help (missing key, refused access).
+    """
+    if isinstance(err, botocore.exceptions.ClientError):
+        code = err.response.get("Error", {}).get("Code", "")
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if status < 500 and code not in ("SlowDown", "RequestTimeout", "Throttling"):
+            raise FsError(errno.EIO, f"{code or status}") from None
+        return f"{code or status}"
+    if isinstance(err, _ShortReadError):
+        return str(err)
+    if isinstance(err, _RETRYABLE):
+        return type(err).__name__
+    return None

@@ -1,9 +1,12 @@
-"""A real S3 endpoint for tests: ``python -m moto.server`` in its own process.
+"""Real S3 endpoints for tests and benchmarks, each in its own process.
 
-The server is an HTTP process on 127.0.0.1 that tests can kill, pause (SIGSTOP) and
-restart on the same port. Moto keeps its state in memory, so `Snapshot` keeps a local
-copy of a bucket's objects to upload again after a restart. Processes are stopped by
-their PID, never by name.
+`MotoServer` is ``python -m moto.server``; `FileS3Server` is ``scripts/s3_file_server.py``,
+whose objects are files, so that a GET costs the same whatever the object's size, as on
+S3 (moto copies the whole object for every GET). Either is an HTTP process on 127.0.0.1
+that tests can kill, pause (SIGSTOP) and restart on the same port; `TcpProxy` in front
+adds latency, per-connection bandwidth, counters or stalls. Moto keeps its state in
+memory, so `Snapshot` keeps a local copy of a bucket's objects to upload again after a
+restart. Processes are stopped by their PID, never by name.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import botocore.config
 ACCESS_KEY = "testing-key"
 SECRET_KEY = "testing-secret"
 REGION = "us-east-1"
-TCP_PROXY = Path(__file__).resolve().parent.parent / "scripts" / "tcp_proxy.py"
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+TCP_PROXY = SCRIPTS / "tcp_proxy.py"
+FILE_SERVER = SCRIPTS / "s3_file_server.py"
 
 
 def free_port() -> int:
@@ -134,11 +139,59 @@ class MotoServer:
         }
 
 
+class FileS3Server(MotoServer):
+    """``scripts/s3_file_server.py`` on 127.0.0.1: objects are files under ``root``.
+
+    Parameters
+    ----------
+    root : `pathlib.Path`
+        Where the buckets live; objects survive a restart (unlike moto's).
+    port : `int`, optional
+        Port to listen on; a free one by default.
+    """
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        super().__init__(port)
+        self.root = root
+
+    def start(self) -> FileS3Server:
+        """Start the server (on the same port after a `kill`) and wait until it listens."""
+        assert self.process is None or self.process.poll() is not None, "already running"
+        self.process = subprocess.Popen(
+            [sys.executable, str(FILE_SERVER), "--root", str(self.root),
+             "--listen", f"127.0.0.1:{self.port}"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_for_port(self.port, self.process)
+        return self
+
+    def stats(self) -> dict:
+        """The server's counters: requests per operation, body bytes sent."""
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.endpoint}/_stats", timeout=10) as response:
+            return json.loads(response.read())
+
+
 class TcpProxy:
-    """``scripts/tcp_proxy.py`` in front of a port (delays, stalls)."""
+    """``scripts/tcp_proxy.py`` in front of a port (delays, bandwidth, counters, stalls).
+
+    Parameters
+    ----------
+    target_port : `int`
+        The server's port on 127.0.0.1.
+    *args : `str`
+        More options of the proxy (``--delay-ms``, ``--bandwidth-mbps``, ``--stall``).
+    port : `int`, optional
+        Port to listen on; a free one by default.
+    """
 
     def __init__(self, target_port: int, *args: str, port: int | None = None) -> None:
         self.port = port or free_port()
+        self.control_port = free_port()
         self.target_port = target_port
         self.args = args
         self.process: subprocess.Popen | None = None
@@ -158,12 +211,25 @@ class TcpProxy:
                 f"127.0.0.1:{self.port}",
                 "--target",
                 f"127.0.0.1:{self.target_port}",
+                "--control",
+                f"127.0.0.1:{self.control_port}",
                 *self.args,
             ],
             stdin=subprocess.DEVNULL,
         )
         _wait_for_port(self.port, self.process)
+        _wait_for_port(self.control_port, self.process)
         return self
+
+    def counters(self) -> dict[str, int]:
+        """Connections, requests and bytes each way (``bytes_down``: server to client) so far."""
+        import json
+
+        with socket.create_connection(("127.0.0.1", self.control_port), timeout=10) as sock:
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+        return json.loads(data)
 
     def toggle_stall(self) -> None:
         """Start or stop stalling (SIGUSR1)."""

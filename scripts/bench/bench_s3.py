@@ -663,7 +663,7 @@ random int16 pixels, {r.big_size:,} bytes, and {args.readers} files of random by
 `butlerfs.formatter.FileArtifactFormatter`). Mount reads are `dd if=FILE of=/dev/null bs=1M`, timed as
 a whole command from outside (for (5), {args.readers} `dd` started together, timed until the last
 exits), each through a new `butlerfs.mount()` (default options unless stated: fetch_concurrency
-{fc0}, 1 MiB blocks, read-ahead doubling to 256 MiB in GETs of up to 8 MiB) with a new, empty cache
+{fc0}; the fetch plan of docs/SEMANTICS.md) with a new, empty cache
 directory, after `sync; echo 3 > /proc/sys/vm/drop_caches`; every cold read fetched exactly the
 artifacts' bytes (the root's `user.butlerfs.stats`). Baseline: boto3 {pkg('boto3')} (s3transfer
 {pkg('s3transfer')}, no awscrt) `client.download_fileobj(bucket, key, open('/dev/null', 'wb'))` in
@@ -751,10 +751,9 @@ def conclusion(r: Results, pct: float) -> str:
     )
     extra = dm.med("requests") - min_gets + mm.med("requests") - min_parts
     why_extra = (
-        "The extra GETs are the read-ahead's first, small ones (1 MiB for the first read, then windows "
-        "of 1, 2, 4 MiB requested as separate GETs whose parts are not aligned to 8 MiB), relatively "
-        "more of them for smaller artifacts."
-        if extra > 2 else "The mount's GETs are as few as whole 8 MiB parts allow."
+        "The extra GETs are the read-ahead's first, small ones (the first read's block, then the "
+        "growing window's first parts), relatively more of them for smaller artifacts."
+        if extra > 2 else "The mount's GETs are no more than whole 8 MiB parts would be."
     )
     text = [
         f"(1) {r1:.2f}, {verdict(r1, 0.9)}; (2) {r2:.2f}, {verdict(r2, 0.9)}; (3) {r3['disk']:.2f} with "
