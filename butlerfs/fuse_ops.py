@@ -188,6 +188,10 @@ class _ZeroCopyFUSE(mfusepy.FUSE):
         return source.read_into(fip.contents.fh, view, offset)
 
 
+MAX_THREADS = 64
+"""Most requests the daemon serves at once (libfuse's ``max_threads``)."""
+
+
 def run_fuse(
     source: ButlerSource,
     mountpoint: str,
@@ -222,6 +226,11 @@ def run_fuse(
         "subtype": "butlerfs",
         "debug": debug,
     }
+    if threads:
+        # libfuse 3.14 serves at most 10 requests at once by default: ten reads waiting on a
+        # stalled endpoint would hold every other request (a stat, a listing, the kernel's
+        # retry of a failed read) in the kernel. Waiting threads cost little.
+        options["max_threads"] = MAX_THREADS
     if allow_other:
         options["allow_other"] = True
     version = libfuse_version()

@@ -780,7 +780,7 @@ def test_every_read_fails_within_the_timeout_however_many_parts_wait(
     # the endpoint stalls or goes down; it and three more readers then read on. Each read
     # must fail within --timeout of reaching the daemon, whatever the fetch threads are
     # stuck on, then work again once the endpoint is back. Reads of 64 KiB keep the
-    # kernel's requests below libfuse's 10 threads (docs/SEMANTICS.md).
+    # kernel's requests well below the daemon's 64 threads (docs/SEMANTICS.md).
     proxy = TcpProxy(file_server.port).start()
     monkeypatch.setenv("S3_ENDPOINT_URL", proxy.endpoint)
     truth = Boto3Truth(file_server.client())
