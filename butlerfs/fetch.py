@@ -21,16 +21,29 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
+from typing import Protocol
 
 from .cache import BLOCK_SIZE, BlockCache
 from .errors import FsError
-from .remote import ObjectStore
 
-__all__ = ["Fetcher", "RemoteObject", "RemoteReader"]
+__all__ = ["Fetcher", "RemoteObject", "RemoteReader", "Store"]
 
 _LOG = logging.getLogger(__name__)
 
 _NEAR = 16 * BLOCK_SIZE  # reads within this distance of the last one count as sequential
+
+
+class Store(Protocol):
+    """Where bytes come from: `~butlerfs.remote.ObjectStore` (S3) or `~butlerfs.http_store.HttpStore`."""
+
+    requests: int
+    bytes_fetched: int
+
+    def get_range(self, uri: str, start: int, end: int) -> bytes:
+        """Return bytes ``[start, end)`` of an object."""
+
+    def size(self, uri: str) -> int:
+        """Return an object's size."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -62,7 +75,7 @@ class Fetcher:
 
     Parameters
     ----------
-    store : `ObjectStore`
+    store : `Store`
         Where bytes come from.
     cache : `BlockCache`, optional
         Where they are kept.
@@ -82,7 +95,7 @@ class Fetcher:
 
     def __init__(
         self,
-        store: ObjectStore,
+        store: Store,
         cache: BlockCache | None,
         *,
         concurrency: int = 16,

@@ -169,7 +169,18 @@ class ButlerSource:
             # Another thread may have loaded it while we waited.
             if node.children is not None and (not reload or not self._stale(node)):
                 return node.children
-            self._load(node)
+            try:
+                self._load(node)
+            except Exception as err:  # the registry failed or is unreachable (a Butler server down)
+                name = node.dataset_type.name if node.dataset_type else ""
+                where = "/".join([name, *(str(value) for _, value in node.fixed)])
+                if node.children is not None:
+                    _LOG.warning("Refreshing %s failed, showing the last listing: %s", where, err)
+                    return node.children
+                if isinstance(err, FsError):
+                    raise
+                _LOG.error("Listing %s failed: %s", where, err)
+                raise FsError(errno.EIO, f"listing {where} failed: {err}") from None
         assert node.children is not None
         return node.children
 
