@@ -189,18 +189,21 @@ def _assert_no_token_reached(storage: ExpiringStorage) -> None:
 # The mount
 
 
-def test_remote_mount_equals_direct_mount(remote, storage, tmp_path):
-    """Listing, sizes, xattrs and bytes of every file, zip members and components included."""
+def test_remote_mount_equals_direct_mount_and_remounts_from_cache(remote, storage, tmp_path):
+    """Listing, sizes, xattrs and bytes of every file, zip members and components included.
+
+    A remount of the remote repository then reads every byte from the cache, asking nothing
+    of the server or the storage host.
+    """
     collections = [remote.demo.defaults, EXTRA_RUN]
     types = [*remote.demo.dataset_counts, MEDIUM]
     points = [tmp_path / "direct", tmp_path / "remote"]
     for point in points:
         point.mkdir()
+    remote_cache = str(tmp_path / "remote-cache")  # not the direct mount's: its blocks have the same keys
     with (
         _mount(remote.demo.root, points[0], tmp_path, collections, dataset_types=types) as direct,
-        _mount(
-            LABEL, points[1], tmp_path, collections, dataset_types=types, cache_dir=str(tmp_path / "c2")
-        ) as m,
+        _mount(LABEL, points[1], tmp_path, collections, dataset_types=types, cache_dir=remote_cache) as m,
     ):
         files = [p.relative_to(direct.mountpoint) for p in _files(direct.mountpoint)]
         assert [p.relative_to(m.mountpoint) for p in _files(m.mountpoint)] == files
@@ -209,6 +212,7 @@ def test_remote_mount_equals_direct_mount(remote, storage, tmp_path):
         assert sizes == {name: Path(direct.mountpoint, name).stat().st_size for name in files}
         assert _stats(m)["requests"] == 0, "listing and sizes must not read any artifact"
         zipped = components = 0
+        contents = {}
         for name in files:
             here, there = _xattrs(Path(m.mountpoint, name)), _xattrs(Path(direct.mountpoint, name))
             uri = here.pop("user.butler.uri")
@@ -219,10 +223,20 @@ def test_remote_mount_equals_direct_mount(remote, storage, tmp_path):
             assert "Signature" not in uri and "X-Amz" not in uri
             zipped += "#zip-path=" in uri
             components += "?component=" in uri
-            assert _read(Path(m.mountpoint, name), 65536 + 7) == _read(Path(direct.mountpoint, name)), name
+            contents[name] = _read(Path(direct.mountpoint, name))
+            assert _read(Path(m.mountpoint, name), 65536 + 7) == contents[name], name
         assert zipped == remote.demo.dataset_counts[remote.demo.zip_dataset_type]
         assert components == 3 * remote.demo.dataset_counts[remote.demo.disassembled_dataset_type]
     _assert_no_token_reached(storage)
+    seen = storage.requests
+    with _mount(
+        remote.url, points[1], tmp_path, collections, dataset_types=types, cache_dir=remote_cache
+    ) as m:
+        assert {name: _read(Path(m.mountpoint, name)) for name in files} == contents
+        stats = _stats(m)
+    assert stats["requests"] == 0 and stats["bytes_fetched"] == 0, stats
+    assert stats["blocks_from_cache"] > 0
+    assert storage.requests == seen
 
 
 def test_fits_header_read_fetches_one_block(remote, storage, mountpoint, tmp_path):
@@ -237,23 +251,6 @@ def test_fits_header_read_fetches_one_block(remote, storage, mountpoint, tmp_pat
         stats = _stats(m)
     assert stats["blocks_fetched"] == 1 and 0 < stats["bytes_fetched"] <= BLOCK_SIZE, stats
     assert stats["requests"] == 2, "one signed URL, one ranged GET"
-
-
-def test_remount_reads_cached_bytes_without_any_request(remote, storage, tmp_path):
-    collections = [remote.demo.defaults, EXTRA_RUN]
-    types = [remote.demo.zip_dataset_type, remote.demo.disassembled_dataset_type, MEDIUM]
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    with _mount(remote.url, mountpoint, tmp_path, collections, dataset_types=types) as m:
-        first = {p.relative_to(m.mountpoint): _read(p) for p in _files(m.mountpoint)}
-        assert _stats(m)["requests"] > 0
-    seen = storage.requests
-    with _mount(remote.url, mountpoint, tmp_path, collections, dataset_types=types) as m:
-        second = {p.relative_to(m.mountpoint): _read(p) for p in _files(m.mountpoint)}
-        stats = _stats(m)
-    assert second == first
-    assert stats["requests"] == 0 and stats["bytes_fetched"] == 0, stats
-    assert storage.requests == seen
 
 
 # Signed URLs
@@ -409,13 +406,25 @@ def test_run_over_a_client_server_butler(remote, storage, tmp_path):
         butler.close()
 
 
-def test_run_refuses_direct_staging_and_outputs(remote, tmp_path):
-    common = ["run", remote.url, "-c", remote.demo.defaults, "--workdir", str(tmp_path / "w")]
-    direct = run_cli(*common, "-i", "img=calexp:direct", "--", "true")
-    _assert_clean_error(direct, "input img", "only by URL", "use mount")
-    output = run_cli(*common, "-i", "img=calexp", "-o", "x=x.txt", "--output-run", "u/x", "--", "true")
-    _assert_clean_error(output, "read-only", "--output")
-    assert not (tmp_path / "w").exists(), "nothing may be created before the refusal"
+@pytest.mark.parametrize(
+    ("arguments", "needles"),
+    [
+        ({"inputs": ["img=calexp:direct"]}, ["input img", "only by URL", "use mount"]),
+        ({"inputs": ["img=calexp"], "outputs": ["x=x.txt"], "output_run": "u/x"}, ["read-only", "--output"]),
+    ],
+)
+def test_run_refuses_direct_staging_and_outputs(remote, tmp_path, arguments, needles):
+    from wrapper.run import RunOptions, plan_run
+
+    workdir = tmp_path / "w"
+    options = RunOptions(
+        remote.url, [remote.demo.defaults], command=["true"], workdir=str(workdir), **arguments
+    )
+    with pytest.raises(UsageError) as info:
+        plan_run(options)
+    for needle in needles:
+        assert needle in str(info.value), info.value
+    assert not workdir.exists(), "nothing may be created before the refusal"
 
 
 def test_cli_cache_prefetch(remote, storage, mountpoint, tmp_path):
@@ -439,7 +448,6 @@ def test_cli_cache_prefetch(remote, storage, mountpoint, tmp_path):
     [
         ("no token", ["set BUTLER_RUBIN_ACCESS_TOKEN"]),
         ("unknown repository", ["repository name", "no repository of that name"]),
-        ("unreachable", ["cannot reach the Butler server", "Connection refused"]),
         ("posix datastore", ["not a POSIX one"]),
     ],
 )
@@ -451,11 +459,6 @@ def test_clear_errors(remote, monkeypatch, case, needles):
         monkeypatch.delenv("BUTLER_RUBIN_ACCESS_TOKEN")
     elif case == "unknown repository":
         repo = remote.server.url("nope")
-    elif case == "unreachable":
-        repo = f"http://127.0.0.1:{free_port()}/api/butler/repo/demo"
-        # lsst.resources retries a refused connection for 15 s or more; the message is the same.
-        monkeypatch.setenv("LSST_HTTP_BACKOFF_MIN", "0.01")
-        monkeypatch.setenv("LSST_HTTP_BACKOFF_MAX", "0.02")
     else:
         repo = remote.server.url("posix")
     with pytest.raises(UsageError) as info:
@@ -466,13 +469,23 @@ def test_clear_errors(remote, monkeypatch, case, needles):
         assert needle in message, message
 
 
-def test_missing_remote_extra_is_one_line(remote, mountpoint, tmp_path):
-    shadow = tmp_path / "shadow" / "httpx2"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text(
-        "raise ModuleNotFoundError(\"No module named 'httpx2'\", name='httpx2')\n"
-    )
-    env = dict(os.environ, PYTHONPATH=str(shadow.parent))
-    result = run_cli("mount", remote.url, str(mountpoint), "-c", remote.demo.defaults, env=env)
-    _assert_clean_error(result, "remote extra", "butlerfs[remote]")
+@pytest.mark.parametrize("case", ["remote extra missing", "unreachable"])
+def test_cli_errors_are_one_line(remote, mountpoint, tmp_path, case):
+    env = dict(os.environ)
+    repo = remote.url
+    if case == "unreachable":
+        repo = f"http://127.0.0.1:{free_port()}/api/butler/repo/demo"
+        # lsst.resources retries a refused connection for 15 s or more; the message is the same.
+        env.update(LSST_HTTP_BACKOFF_MIN="0.01", LSST_HTTP_BACKOFF_MAX="0.02")
+        needles = ["cannot reach the Butler server", "Connection refused"]
+    else:
+        shadow = tmp_path / "shadow" / "httpx2"
+        shadow.mkdir(parents=True)
+        (shadow / "__init__.py").write_text(
+            'raise ModuleNotFoundError("No module named httpx2", name="httpx2")\n'
+        )
+        env["PYTHONPATH"] = str(shadow.parent)
+        needles = ["remote extra", "butlerfs[remote]"]
+    result = run_cli("mount", repo, str(mountpoint), "-c", remote.demo.defaults, env=env)
+    _assert_clean_error(result, *needles)
     _assert_not_mounted(mountpoint)
