@@ -16,6 +16,7 @@ real server). Only the Butler server ever receives the user's token.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import json
 import logging
@@ -36,6 +37,10 @@ _LOG = logging.getLogger(__name__)
 
 MAX_IDS = GetFileTransferInfoRequestModel.MAX_ITEMS_PER_REQUEST
 """Most dataset IDs per file-transfer request (10,000)."""
+_PARALLEL = 4
+"""File-transfer requests of one listing in flight at once."""
+_MIN_CHUNK = 1000
+"""Fewest IDs per request when a listing is split."""
 
 
 class RemoteDatastore(Datastore):
@@ -72,19 +77,34 @@ class RemoteDatastore(Datastore):
         return uri + hash_sign + fragment
 
     def artifacts(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, tuple[Artifact, ...]]:
-        """Return the artifacts of datasets, 10,000 per request to the server."""
+        """Return the artifacts of datasets, in requests of at most 10,000 IDs.
+
+        A large listing is split into a few requests sent together: the server builds each
+        answer on one of its threads, so they overlap.
+        """
         ids = list(ids)
+        size = min(MAX_IDS, max(_MIN_CHUNK, -(-len(ids) // _PARALLEL)))
+        chunks = [ids[start : start + size] for start in range(0, len(ids), size)]
         found: dict[uuid.UUID, tuple[Artifact, ...]] = {}
-        for start in range(0, len(ids), MAX_IDS):
-            chunk = ids[start : start + MAX_IDS]
-            request = GetFileTransferInfoRequestModel.model_construct(dataset_ids=chunk)
-            response = self._connection.post("file_transfer", request)
-            # Plain JSON: validating 10,000 records with pydantic would cost most of a listing.
-            files = json.loads(response.content)["files"]
-            for key, records in files.items():
-                dataset_id = uuid.UUID(key)
-                artifacts = [self._artifact(dataset_id, record) for record in records]
-                found[dataset_id] = tuple(sorted(artifacts, key=lambda a: a.component or ""))
+        if len(chunks) <= 1:
+            for chunk in chunks:
+                found.update(self._records(chunk))
+            return found
+        with concurrent.futures.ThreadPoolExecutor(min(_PARALLEL, len(chunks))) as pool:
+            for part in pool.map(self._records, chunks):
+                found.update(part)
+        return found
+
+    def _records(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[Artifact, ...]]:
+        """One file-transfer request."""
+        request = GetFileTransferInfoRequestModel.model_construct(dataset_ids=ids)
+        response = self._connection.post("file_transfer", request)
+        # Plain JSON: validating 10,000 records with pydantic would cost most of a listing.
+        found = {}
+        for key, records in json.loads(response.content)["files"].items():
+            dataset_id = uuid.UUID(key)
+            artifacts = [self._artifact(dataset_id, record) for record in records]
+            found[dataset_id] = tuple(sorted(artifacts, key=lambda a: a.component or ""))
         return found
 
     def _artifact(self, dataset_id: uuid.UUID, record: dict) -> Artifact:
