@@ -329,6 +329,7 @@ def make_opener(options: MountOptions, datastore: Datastore) -> ArtifactOpener:
 
     roots = datastore.roots()
     auth = datastore.server_auth()
+    http = auth is not None or any(root.startswith(("https://", "http://")) for root in roots)
 
     def fetcher() -> Fetcher:
         from .cache import BlockCache, default_cache_dir
@@ -337,7 +338,7 @@ def make_opener(options: MountOptions, datastore: Datastore) -> ArtifactOpener:
 
         policy = RetryPolicy.within(options.timeout)
         store: Store
-        if auth is not None:
+        if http:
             from .http_store import HttpStore
 
             store = HttpStore(
@@ -361,7 +362,7 @@ def make_opener(options: MountOptions, datastore: Datastore) -> ArtifactOpener:
 
     opener = ArtifactOpener(fetcher)
     remote = [root for root in roots if root.startswith("s3://")]
-    if remote or auth is not None:
+    if remote or http:
         store = opener.fetcher().store  # the cache directory and the client, checked at mount time
         for root in remote:
             from .remote import ObjectStore

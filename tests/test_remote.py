@@ -489,3 +489,22 @@ def test_cli_errors_are_one_line(remote, mountpoint, tmp_path, case):
     result = run_cli("mount", repo, str(mountpoint), "-c", remote.demo.defaults, env=env)
     _assert_clean_error(result, *needles)
     _assert_not_mounted(mountpoint)
+
+
+@pytest.mark.parametrize(
+    ("query", "lifetime"),
+    [
+        (
+            "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Date=20260101T000000Z&X-Amz-Expires=3600&X-Amz-Signature=ab",
+            3600,
+        ),
+        ("X-Goog-Date=20260101T000000Z&X-Goog-Expires=900&X-Goog-Signature=ab", 900),
+        ("AWSAccessKeyId=k&Signature=s&Expires={expires}", 600),
+        ("nothing=here", 3600),  # unstated: the server's hour
+    ],
+)
+def test_stated_lifetime_of_signed_urls(query, lifetime):
+    from butlerfs.http_store import _stated_lifetime
+
+    url = "https://storage.example/bucket/key?" + query.format(expires=int(time.time()) + 600)
+    assert _stated_lifetime(url) == pytest.approx(lifetime, abs=2)
