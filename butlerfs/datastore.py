@@ -135,6 +135,13 @@ class Datastore(abc.ABC):
         """Return how to obtain signed URLs from a Butler server (`None` for a direct Butler)."""
         return None
 
+    def unavailable(self, err: Exception) -> str | None:
+        """Return why a query failed if the Butler cannot be reached now, else `None`.
+
+        A direct Butler's database errors are recognised by the registry module itself.
+        """
+        return None
+
     def check(self, sample: Callable[[], Sequence[uuid.UUID]]) -> None:  # noqa: B027 -- a hook
         """Check that artifacts can be read; nothing to do for a direct Butler.
 

@@ -129,6 +129,17 @@ class RemoteDatastore(Datastore):
             uri=self.download_uri(dataset_id, component, path),
         )
 
+    def unavailable(self, err: Exception) -> str | None:
+        """Return why a query failed if the server did not answer (or answered 5xx), else `None`."""
+        if not isinstance(err, ButlerServerError):
+            return None
+        if err.status_code is None:
+            cause = err.__cause__
+            return f"the Butler server does not answer ({type(cause).__name__ if cause else 'no answer'})"
+        if err.status_code >= 500 or err.status_code == 429:
+            return f"the Butler server answers HTTP {err.status_code}"
+        return None
+
     def check(self, sample: Callable[[], Sequence[uuid.UUID]]) -> None:
         """Check that the server hands out artifacts: ask it to sign the URL of one dataset.
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from . import artifacts
 from .errors import FsError, not_found, read_only
 from .layout import DataIdValue, dimension_dir, file_name
-from .registry import Artifact, DatasetEntry, DatasetTypeInfo, RepoIndex
+from .registry import Artifact, DatasetEntry, DatasetTypeInfo, RegistryUnavailableError, RepoIndex
 
 __all__ = ["Attributes", "ButlerSource", "Directory", "File"]
 
@@ -155,7 +155,13 @@ class ButlerSource:
         node = self.lookup(path)
         if isinstance(node, File):
             raise FsError(errno.ENOTDIR, f"not a directory: {path}")
-        children = self._children(node, reload=self._stale(node))
+        try:
+            children = self._children(node, reload=self._stale(node))
+        except RegistryUnavailableError:
+            if node.children is None:
+                raise
+            # The registry is down: a directory listed before keeps its last listing.
+            children = node.children
         return sorted(children.items())
 
     def _stale(self, node: Directory) -> bool:
@@ -169,18 +175,7 @@ class ButlerSource:
             # Another thread may have loaded it while we waited.
             if node.children is not None and (not reload or not self._stale(node)):
                 return node.children
-            try:
-                self._load(node)
-            except Exception as err:  # the registry failed or is unreachable (a Butler server down)
-                name = node.dataset_type.name if node.dataset_type else ""
-                where = "/".join([name, *(str(value) for _, value in node.fixed)])
-                if node.children is not None:
-                    _LOG.warning("Refreshing %s failed, showing the last listing: %s", where, err)
-                    return node.children
-                if isinstance(err, FsError):
-                    raise
-                _LOG.error("Listing %s failed: %s", where, err)
-                raise FsError(errno.EIO, f"listing {where} failed: {err}") from None
+            self._load(node)
         assert node.children is not None
         return node.children
 
