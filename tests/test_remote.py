@@ -345,7 +345,7 @@ def test_server_down_gives_eio_then_recovers(remote, storage, mountpoint, tmp_pa
                 os.listdir(Path(m.mountpoint, MEDIUM))  # never listed: the registry is gone
             assert info.value.errno == errno.EIO
             assert len(_files(Path(m.mountpoint, "calexp"))) == remote.demo.dataset_counts["calexp"]
-            assert _read(first) == expected, "a URL signed before still reads"
+            assert _read(first) == expected, "what was read before stays readable"
         finally:
             remote.server.start("demo")
         assert len(_read(second)) == second.stat().st_size
