@@ -1,15 +1,16 @@
 """Open an artifact by its URI and read it by offset.
 
 POSIX artifacts are read in place with ``pread`` into the caller's buffer (no copy
-in Python, the GIL released during the system call). Remote artifacts (``s3://``)
-are read through a `~butlerfs.fetch.Fetcher` (ranged GETs, read-ahead, the block
-cache). A member of an uncompressed zip (``butler ingest-zip``) is a byte range of
-the zip, read the same way as a whole artifact; a deflated member goes through
-`zipfile`.
+in Python, the GIL released during the system call). Remote artifacts (``s3://``, or
+a Butler server's ``https://`` download URLs) are read through a
+`~butlerfs.fetch.Fetcher` (ranged GETs, read-ahead, the block cache). A member of an
+uncompressed zip (``butler ingest-zip``) is a byte range of the zip, read the same way
+as a whole artifact; a deflated member goes through `zipfile`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ArtifactOpener", "Reader", "extension_of", "local_path"]
 
+_REMOTE_SCHEMES = ("s3://", "https://", "http://")
+"""Read through the fetcher: S3 objects, and a Butler server's download URLs."""
 _COMPRESSION_SUFFIXES = frozenset({".gz", ".fz", ".bz2", ".xz", ".zst"})
 _ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... name length, extra length
 
@@ -164,6 +167,30 @@ def _zip_member(stream: IO[bytes], member: str, where: str) -> tuple[zipfile.Zip
     return archive, info, info.header_offset + 30 + name_len + extra_len
 
 
+def _zip_size(fetcher: Fetcher, zip_key: str, uri: str) -> int:
+    """Return a remote zip's size, kept in its cache entry: a remount asks nothing of the store."""
+    cache = fetcher.cache
+    if cache is None:
+        return fetcher.store.size(uri)
+    path = os.path.join(cache.entry_dir(zip_key), "size")
+    try:
+        with open(path) as stream:
+            return int(stream.read())
+    except (OSError, ValueError):
+        pass
+    size = fetcher.store.size(uri)
+    temp = f"{path}.{os.getpid()}.{threading.get_ident()}"
+    try:  # a cache that cannot hold it only costs a request next time
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(temp, "w") as stream:
+            stream.write(str(size))
+        os.replace(temp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(temp)
+    return size
+
+
 class ArtifactOpener:
     """Opens artifacts by URI: POSIX in place, remote through a fetcher.
 
@@ -214,13 +241,16 @@ class ArtifactOpener:
         try:
             if path is not None:
                 return self._open_local(path, member)
-            if base.startswith("s3://"):
+            if base.startswith(_REMOTE_SCHEMES):
                 return self._open_remote(base, member, key, size, checksum)
         except FsError:
             raise
         except OSError as err:
             raise FsError(errno.EIO, f"cannot open {uri}: {err.strerror or err}") from None
-        raise FsError(errno.EOPNOTSUPP, f"cannot read {uri}: only file:// and s3:// datastores are supported")
+        raise FsError(
+            errno.EOPNOTSUPP,
+            f"cannot read {uri}: only file:// and s3:// datastores and Butler servers are supported",
+        )
 
     def _open_local(self, path: str, member: str | None) -> Reader:
         if member is None:
@@ -240,7 +270,7 @@ class ArtifactOpener:
             return fetcher.open(key, uri, size, checksum=checksum)
         # The zip's central directory is read (and cached) through the fetcher too.
         zip_key = "zip-" + hashlib.sha1(uri.encode()).hexdigest()[:32]
-        whole = fetcher.open(zip_key, uri, fetcher.store.size(uri))
+        whole = fetcher.open(zip_key, uri, _zip_size(fetcher, zip_key, uri))
         stream = io.BufferedReader(_ReaderFile(whole), buffer_size=64 * 1024)
         archive, info, start = _zip_member(stream, member, uri)
         if info.compress_type != zipfile.ZIP_STORED:

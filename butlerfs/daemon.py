@@ -102,6 +102,10 @@ def main(argv: list[str]) -> int:
         level=options.log_level,
         format="%(asctime)s %(levelname)s %(name)s (%(process)d): %(message)s",
     )
+    # httpx2 logs every request at INFO (a client/server Butler's queries, signed-URL reads):
+    # thousands of lines per minute of reading, so only with --log-level DEBUG.
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
     reporter = _Reporter(int(os.environ.pop(READY_FD_ENV)))
     if options.watch_pid is not None:
         _watch(options)

@@ -36,12 +36,13 @@ import os
 import threading
 import time
 from collections.abc import Iterable
+from typing import Protocol
 
 from .cache import BLOCK_SIZE, BlockCache
 from .errors import FsError
-from .remote import ObjectStore, abandon_when
+from .remote import abandon_when
 
-__all__ = ["Fetcher", "RemoteObject", "RemoteReader"]
+__all__ = ["Fetcher", "RemoteObject", "RemoteReader", "Store"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -56,6 +57,23 @@ _FAILED_RETRY_WINDOW = 1.0  # seconds during which the kernel's retry of a faile
 _DEMAND, _AHEAD = 0, 1
 _DISK_AHEAD = 32  # cached blocks a sequential reader has read from disk ahead of it (8 MiB)
 _DISK_THREADS = 4
+
+
+class Store(Protocol):
+    """Where bytes come from: `~butlerfs.remote.ObjectStore` (S3) or `~butlerfs.http_store.HttpStore`.
+
+    A store may also have ``iter_range(uri, start, end, block)``, yielding the blocks of
+    ``[start, end)`` as they arrive; without it, a GET is delivered when complete.
+    """
+
+    requests: int
+    bytes_fetched: int
+
+    def get_range(self, uri: str, start: int, end: int) -> bytes:
+        """Return bytes ``[start, end)`` of an object."""
+
+    def size(self, uri: str) -> int:
+        """Return an object's size."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -134,8 +152,8 @@ class Fetcher:
 
     Parameters
     ----------
-    store : `ObjectStore`
-        Where bytes come from (any store with ``get_range``; ``iter_range`` streams).
+    store : `Store`
+        Where bytes come from (``iter_range``, when it has one, streams).
     cache : `BlockCache`, optional
         Where they are kept.
     concurrency : `int`, optional
@@ -153,7 +171,7 @@ class Fetcher:
 
     def __init__(
         self,
-        store: ObjectStore,
+        store: Store,
         cache: BlockCache | None,
         *,
         concurrency: int = 16,
@@ -414,15 +432,17 @@ class Fetcher:
             self._memory.move_to_end(key)
             while len(self._memory) > self._memory_blocks:
                 self._memory.popitem(last=False)
-            slot = self._slots.pop(key, None)
             self._failed.pop(obj.key, None)  # bytes arrive again
-        # On disk before its waiters wake: a prefetch that returns has everything cached.
+        # On disk before the slot goes and its waiters wake: a prefetch that returns has
+        # everything cached (readers meanwhile find the block in memory).
         if self.cache is not None and index not in obj.cached:
             try:
                 if self.cache.write_block(obj.key, index, block):
                     obj.cached.add(index)
             except OSError as err:  # the cache is an optimisation: the read goes on
                 _LOG.warning("Could not cache block %d of %s: %s", index, obj.uri, err)
+        with self._lock:
+            slot = self._slots.pop(key, None)
         if slot is not None:
             slot.data = block
             slot.done.set()

@@ -33,6 +33,7 @@ from .errors import UsageError
 
 if TYPE_CHECKING:
     from .artifacts import ArtifactOpener
+    from .datastore import Datastore
     from .fetch import Fetcher
 
 __all__ = [
@@ -83,6 +84,8 @@ class MountOptions:
     """Most GETs in flight for the whole mount."""
     timeout: float = 30.0
     """Seconds after which a remote read that keeps failing returns EIO."""
+    url_lifetime: float | None = None
+    """Seconds a URL signed by a Butler server is used at most; default 80% of its stated lifetime."""
     log_file: str | None = None
     log_level: str = "INFO"
     watch_pid: int | None = None
@@ -313,11 +316,14 @@ def _tune_read_ahead(st_dev: int, kb: int) -> None:
         _LOG.info("Could not raise read-ahead (%s); sequential reads will be slower", err)
 
 
-def make_opener(options: MountOptions, roots: Sequence[str]) -> ArtifactOpener:
+def make_opener(options: MountOptions, datastore: Datastore) -> ArtifactOpener:
     """Return the artifact opener of a mount, checking remote datastores now.
 
-    The fetcher (threads, cache directory, S3 client) is made only if a datastore is
-    remote, or on the first remote artifact: a POSIX mount never starts one.
+    The fetcher (threads, cache directory, S3 or HTTP client) is made only if the
+    datastore is remote, or on the first remote artifact: a POSIX mount never starts
+    one. Artifacts served by a Butler server are read through the URLs it signs
+    (`~butlerfs.http_store.HttpStore`), S3 objects with boto3
+    (`~butlerfs.remote.ObjectStore`); both under the same retry policy.
 
     Raises
     ------
@@ -327,14 +333,28 @@ def make_opener(options: MountOptions, roots: Sequence[str]) -> ArtifactOpener:
     """
     from .artifacts import ArtifactOpener
 
+    roots = datastore.roots()
+    auth = datastore.server_auth()
+    http = auth is not None or any(root.startswith(("https://", "http://")) for root in roots)
+
     def fetcher() -> Fetcher:
         from .cache import BlockCache, default_cache_dir
-        from .fetch import Fetcher
+        from .fetch import Fetcher, Store
         from .remote import ObjectStore, RetryPolicy
 
-        store = ObjectStore(
-            RetryPolicy.within(options.timeout), max_connections=2 * options.fetch_concurrency
-        )
+        policy = RetryPolicy.within(options.timeout)
+        store: Store
+        if http:
+            from .http_store import HttpStore
+
+            store = HttpStore(
+                policy,
+                max_connections=2 * options.fetch_concurrency,
+                auth=auth,
+                url_lifetime=options.url_lifetime,
+            )
+        else:
+            store = ObjectStore(policy, max_connections=2 * options.fetch_concurrency)
         cache = None
         if options.cache_size > 0:
             cache_dir = options.cache_dir or default_cache_dir()
@@ -348,9 +368,12 @@ def make_opener(options: MountOptions, roots: Sequence[str]) -> ArtifactOpener:
 
     opener = ArtifactOpener(fetcher)
     remote = [root for root in roots if root.startswith("s3://")]
-    if remote:
-        store = opener.fetcher().store
+    if remote or http:
+        store = opener.fetcher().store  # the cache directory and the client, checked at mount time
         for root in remote:
+            from .remote import ObjectStore
+
+            assert isinstance(store, ObjectStore)
             store.check_access(root)
     return opener
 
@@ -370,8 +393,8 @@ def serve(options: MountOptions, on_mounted: Callable[[], None] | None = None) -
     from .source import ButlerSource
 
     index = RepoIndex(options.repo, options.collections, options.dataset_types, options.where)
-    roots = index.datastore_roots()
-    opener = make_opener(options, roots)
+    roots = index.datastore.roots()
+    opener = make_opener(options, index.datastore)
     read_ahead_kb = options.read_ahead_kb
     if read_ahead_kb is None:
         remote = any(not root.startswith("file:") for root in roots)

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 
-from .artifacts import ArtifactOpener
+from .artifacts import ArtifactOpener, local_path
 from .fetch import RemoteReader
 from .mounting import MountOptions, make_opener
 from .registry import RepoIndex
@@ -56,7 +56,7 @@ def prefetch(
         Counts, and the bytes actually fetched (cached blocks are not fetched again).
     """
     index = RepoIndex(options.repo, options.collections, options.dataset_types, options.where)
-    opener = make_opener(options, index.datastore_roots())
+    opener = make_opener(options, index.datastore)
     result = PrefetchResult()
     try:
         files: list[File] = []
@@ -64,7 +64,7 @@ def prefetch(
             for entry in index.datasets(name, {}):
                 result.datasets += 1
                 files.extend(File(entry, artifact, artifact.size) for artifact in entry.artifacts)
-        remote = [f for f in files if not f.artifact.uri.startswith("file:")]
+        remote = [f for f in files if local_path(f.artifact.uri) is None]
         result.local_artifacts = len(files) - len(remote)
         result.remote_artifacts = len(remote)
         result.bytes_total = sum(max(f.size, 0) for f in remote)

@@ -1,18 +1,20 @@
-"""Everything butlerfs asks of a Butler: the one module that imports `lsst.daf.butler`.
+"""Everything butlerfs asks of a Butler's registry, through its public query API.
 
 The filesystem needs four answers: which dataset types to show, how many datasets
 lie under a partial data ID, the distinct values of the next dimension, and the
 datasets (with their datastore records) under a partial data ID. No call here reads
 an artifact or imports a formatter, so repositories whose storage classes need afw
-(``ExposureF``) are served without it.
+(``ExposureF``) are served without it. The queries work alike on a direct Butler and
+on a client/server one; the datastore records come from `butlerfs.datastore`, the
+one place that tells the two apart.
 
 A Butler is not thread-safe, so every query runs under one lock; FUSE reads never
 come here.
 
-Registry faults are translated here, once: a database that cannot be reached (or refuses
-the credentials) is a one-line `UsageError` when the repository is opened, and a
-`RegistryUnavailableError` (``EIO``) for a query of a mounted repository, with one warning
-per outage in the log.
+Registry faults are translated here, once: a database (or Butler server) that cannot be
+reached (or refuses the credentials) is a one-line `UsageError` when the repository is
+opened, and a `RegistryUnavailableError` (``EIO``) for a query of a mounted repository, with
+one warning per outage in the log.
 """
 
 from __future__ import annotations
@@ -34,10 +36,9 @@ from typing import Any
 import sqlalchemy.engine
 import sqlalchemy.exc
 from lsst.daf.butler import Butler, ButlerConfig, CollectionType, DatasetType
-from lsst.daf.butler.datastore.stored_file_info import NULLSTR
 from lsst.daf.butler.registry import MissingCollectionError
-from lsst.resources import ResourcePath
 
+from .datastore import Artifact, Datastore, datastore_for
 from .errors import FsError, UsageError
 from .layout import DataIdValue
 
@@ -55,56 +56,6 @@ __all__ = [
 ]
 
 _LOG = logging.getLogger(__name__)
-
-
-class Artifact:
-    """One file of a dataset as the datastore records it.
-
-    The URI is resolved from the record's path only when first asked for (opening
-    the file, reading its xattr): resolving 100,000 of them up front would cost
-    seconds of a listing.
-    """
-
-    __slots__ = ("_factory", "_uri", "checksum", "component", "formatter", "path", "size")
-
-    def __init__(
-        self,
-        path: str,
-        size: int,
-        component: str | None,
-        checksum: str | None,
-        formatter: str,
-        factory: Any = None,
-        uri: str | None = None,
-    ) -> None:
-        self.path = path
-        """Path as recorded: relative to the datastore root, or an absolute URI."""
-        self.size = size
-        """Size in bytes from the datastore record; -1 if the record has none."""
-        self.component = component
-        """Component name for a disassembled composite."""
-        self.checksum = checksum
-        self.formatter = formatter
-        self._factory = factory
-        self._uri = uri
-
-    @property
-    def uri(self) -> str:
-        """Full URI, with a ``#zip-path=`` fragment for zip members."""
-        if self._uri is None:
-            self._uri = _resolve(self._factory, self.path)
-        return self._uri
-
-    def __repr__(self) -> str:
-        return f"Artifact({self.path!r}, size={self.size}, component={self.component!r})"
-
-
-def _resolve(factory: Any, path: str) -> str:
-    """Resolve a record's path as `StoredFileInfo.file_location` does."""
-    as_uri = ResourcePath(path, forceAbsolute=False, forceDirectory=False)
-    if as_uri.isabs():
-        return str(as_uri)
-    return str(factory.fromPath(path, trusted_path=True).uri)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -193,6 +144,8 @@ class RepoIndex:
         self.where = where
         self._lock = threading.Lock()
         self._butler = open_butler(repo)
+        self.datastore: Datastore = datastore_for(self._butler)
+        """The records and artifact URIs of the repository's datastore."""
         self._location = ""  # for messages; read from the configuration at the first fault
         self._down_since: float | None = None
         with _opening(repo):
@@ -201,6 +154,7 @@ class RepoIndex:
             self._calibration_collections = self._find_calibration_collections()
             if where:
                 self._check_where()
+            self.datastore.check(self._sample_ids)
 
     @property
     def dataset_types(self) -> Mapping[str, DatasetTypeInfo]:
@@ -208,8 +162,8 @@ class RepoIndex:
         return self._types
 
     def datastore_roots(self) -> list[str]:
-        """Return the root URI of each file datastore."""
-        return [str(store.root) for store in _file_datastores(self._butler)]
+        """Return where artifacts come from: datastore roots, or a Butler server's URL."""
+        return self.datastore.roots()
 
     def count(self, dataset_type: str, fixed: Mapping[str, DataIdValue]) -> int:
         """Return about how many datasets lie under a partial data ID.
@@ -247,7 +201,7 @@ class RepoIndex:
             ).where(fixed, self.where)
             rows = list(results)
             ids = [row[f"{dataset_type}.dataset_id"] for row in rows]
-            artifacts = self._artifacts(ids)
+            artifacts = self.datastore.artifacts(ids)
         seen: set[uuid.UUID] = set()
         entries = []
         for row, dataset_id in zip(rows, ids, strict=True):
@@ -272,11 +226,12 @@ class RepoIndex:
         with self._lock:
             try:
                 yield self._butler
-            except sqlalchemy.exc.DBAPIError as err:
-                if not _is_unreachable(err):
+            except Exception as err:
+                reason = self._unavailable(err)
+                if reason is None:
                     raise
                 self._location = self._location or registry_location(self.repo)
-                message = f"cannot reach the registry at {self._location}: {_reason(err)}"
+                message = f"cannot reach the registry at {self._location}: {reason}"
                 if self._down_since is None:
                     self._down_since = time.monotonic()
                     _LOG.warning("%s; listings that need it fail with EIO until it answers", message)
@@ -291,25 +246,19 @@ class RepoIndex:
                 )
                 self._down_since = None
 
-    def _artifacts(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[Artifact, ...]]:
-        # The datastore's own export reads these rows too, but builds a
-        # StoredFileInfo and a ResourcePath per row, which a listing does not need.
-        found: dict[uuid.UUID, list[Artifact]] = {}
-        for store in _file_datastores(self._butler):
-            factory = store.locationFactory
-            for batch in store._export_rows(ids):
-                for row in batch:
-                    found.setdefault(row["dataset_id"], []).append(
-                        Artifact(
-                            path=row["path"],
-                            size=int(row["file_size"]) if row["file_size"] is not None else -1,
-                            component=None if row["component"] in (None, "", NULLSTR) else row["component"],
-                            checksum=row["checksum"],
-                            formatter=row["formatter"],
-                            factory=factory,
-                        )
-                    )
-        return {k: tuple(sorted(v, key=lambda a: a.component or "")) for k, v in found.items()}
+    def _unavailable(self, err: Exception) -> str | None:
+        """Return why the registry cannot be used now, or `None` for any other error."""
+        if isinstance(err, sqlalchemy.exc.DBAPIError):
+            return _reason(err) if _is_unreachable(err) else None
+        return self.datastore.unavailable(err)
+
+    def _sample_ids(self) -> list[uuid.UUID]:
+        """Return the ID of one dataset shown, if any (for `Datastore.check`)."""
+        with self._butler.query() as query:
+            for name in self._types:
+                for ref in query.datasets(name, self.collections).limit(1):
+                    return [ref.id]
+        return []
 
     def _find_calibration_collections(self) -> list[str]:
         infos = self._butler.collections.query_info(self.collections, flatten_chains=True)
@@ -335,24 +284,79 @@ class RepoIndex:
 
 
 def open_butler(repo: str, *, writeable: bool = False) -> Butler:
-    """Open a repository, turning the Butler's errors into one line.
+    """Open a repository (path, URI, Butler server URL or label), turning errors into one line.
 
     Raises
     ------
     UsageError
-        Raised if ``repo`` is not a Butler repository, or its registry database cannot
-        be reached or refuses the credentials.
+        Raised if ``repo`` is not a Butler repository, its registry database cannot be
+        reached or refuses the credentials, or a Butler server cannot be used: no token,
+        the ``remote`` extra missing, an unknown repository name, no answer.
     """
     # libpq waits for ever for a server that does not answer; a user's own setting wins.
     os.environ.setdefault("PGCONNECT_TIMEOUT", "10")
     try:
         with _opening(repo), _quiet_butler_failure():
             return Butler.from_config(repo, writeable=writeable)
-    except (FileNotFoundError, RuntimeError, ValueError, KeyError) as err:
+    except UsageError:
+        raise
+    except ImportError as err:
+        if (err.name or "").split(".")[0] not in _REMOTE_MODULES:
+            raise
+        raise UsageError(
+            f"{repo} is a client/server Butler, which needs the remote extra ({err.name or err} is "
+            "missing): pip install 'butlerfs[remote]'"
+        ) from None
+    except Exception as err:
+        message = _server_problem(repo, err)
+        if message is not None:
+            raise UsageError(message) from None
+        if not isinstance(err, (FileNotFoundError, RuntimeError, ValueError, KeyError)):
+            raise
         first = str(err).split(" (given", 1)[0]
         raise UsageError(
             f"{repo} is not a Butler repository ({first}): give the directory holding butler.yaml"
         ) from None
+
+
+_REMOTE_MODULES = ("httpx2", "httpcore2")
+"""What only a client/server Butler imports (daf_butler's ``remote`` extra)."""
+
+
+def _server_problem(repo: str, err: Exception) -> str | None:
+    """Return the one-line reason a Butler server cannot be used, or `None` for other errors."""
+    text = str(err)
+    if isinstance(err, RuntimeError) and "no access credentials" in text:
+        return (
+            f"{repo} is a client/server Butler and no access token was found: set "
+            "BUTLER_RUBIN_ACCESS_TOKEN to your Rubin Science Platform token"
+        )
+    if type(err).__name__ == "ButlerServerError":
+        status = getattr(err, "status_code", None)
+        if status is None:
+            cause = err.__cause__
+            return f"cannot reach the Butler server of {repo}: {cause or text} (check the URL, the network)"
+        return (
+            f"the Butler server of {repo} failed (HTTP {status}) when asked for the repository: check the "
+            "repository name at the end of the URL (the server serves no repository of that name) "
+            "or ask its administrator"
+        )
+    if isinstance(err, ConnectionError) or type(err).__name__ in ("ConnectionError", "ConnectTimeout"):
+        # lsst.resources reads a server's butler.yaml with requests.
+        reason = _innermost(text)
+        return f"cannot reach the Butler server of {repo}: {reason} (check the URL and the network)"
+    return None
+
+
+def _innermost(text: str) -> str:
+    """The system's reason inside a requests/urllib3 error (``[Errno 111] Connection refused``)."""
+    found = _ERRNO.search(text)
+    if found:
+        return found.group(0).strip()
+    return text.splitlines()[0][:200] if text.strip() else "no answer"
+
+
+_ERRNO = re.compile(r"\[Errno -?\d+\][^'\")]+")
 
 
 class RegistryUnavailableError(FsError):
@@ -541,8 +545,3 @@ def _type_info(dataset_type: DatasetType) -> DatasetTypeInfo:
         storage_class=dataset_type.storageClass_name,
         is_calibration=dataset_type.isCalibration(),
     )
-
-
-def _file_datastores(butler: Butler) -> list[Any]:
-    datastore = butler._datastore
-    return [s for s in getattr(datastore, "datastores", [datastore]) if hasattr(s, "locationFactory")]

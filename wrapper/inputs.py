@@ -32,6 +32,7 @@ from lsst.daf.butler import (
 )
 
 from butlerfs.artifacts import extension_of, local_path
+from butlerfs.datastore import Datastore, datastore_for
 from butlerfs.errors import UsageError
 from butlerfs.registry import check_collections, open_butler
 
@@ -114,6 +115,9 @@ class Unit:
         The dataset of each input found, by input name.
     uris : `dict` [`str`, `str`]
         The artifact URI of each input found.
+    extensions : `dict` [`str`, `str`]
+        The artifact extension of each input found (``.fits``), from its datastore record:
+        the mount names the file with it (a Butler server's URIs carry no file name).
     missing : `list` [`str`]
         Why an input has no dataset; the unit fails without running when not empty.
     """
@@ -121,6 +125,7 @@ class Unit:
     data_id: DataCoordinate
     refs: dict[str, DatasetRef] = dataclasses.field(default_factory=dict)
     uris: dict[str, str] = dataclasses.field(default_factory=dict)
+    extensions: dict[str, str] = dataclasses.field(default_factory=dict)
     missing: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -191,6 +196,13 @@ def find_units(
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise UsageError(f"--input names must differ: {', '.join(names)}")
+    datastore = datastore_for(butler)
+    for spec in specs:
+        if spec.mode is StagingMode.DIRECT and not datastore.serves_paths:
+            raise UsageError(
+                f"input {spec.name}: {datastore.description} serves artifacts only by URL, so they cannot "
+                "be staged direct: use mount (the default), copy or uri"
+            )
     types = {s.name: get_dataset_type(butler, s) for s in specs}
     first = types[specs[0].name]
     for spec in specs[1:]:
@@ -212,6 +224,7 @@ def find_units(
         raise UsageError(
             f"no data ID matched: no {specs[0].dataset_type} datasets in {', '.join(collections)}{constraint}"
         )
+    datastore.check(lambda: [refs[0].id])
     units = [Unit(ref.dataId, refs={specs[0].name: ref}) for ref in refs]
     for spec in specs[1:]:
         dataset_type = types[spec.name]
@@ -219,7 +232,7 @@ def find_units(
             _find_calibrations(butler, collections, spec, dataset_type, units)
         else:
             _find_by_data_id(butler, collections, spec, dataset_type, units, specs[0].dataset_type, where)
-    _attach_uris(butler, specs, units)
+    _attach_uris(datastore, specs, units)
     _LOG.info("%d data IDs from %s", len(units), specs[0].dataset_type)
     return first, units
 
@@ -293,8 +306,11 @@ def _find_calibrations(
                 f"{spec.name}: the data ID has no exposure or visit timespan to find a calibration"
             )
             continue
+        # Only the calibration's own dimensions: a client/server Butler fails on a fully
+        # expanded visit data ID, and a direct one needs no more.
+        data_id = unit.data_id.subset(dataset_type.dimensions)
         try:
-            ref = butler.find_dataset(dataset_type, unit.data_id, collections=collections, timespan=timespan)
+            ref = butler.find_dataset(dataset_type, data_id, collections=collections, timespan=timespan)
         except CalibrationLookupError as err:
             unit.missing.append(f"{spec.name}: {err}")
             continue
@@ -332,25 +348,29 @@ def _find_by_data_id(
             unit.refs[spec.name] = ref
 
 
-def _attach_uris(butler: Butler, specs: Sequence[InputSpec], units: list[Unit]) -> None:
+def _attach_uris(datastore: Datastore, specs: Sequence[InputSpec], units: list[Unit]) -> None:
     for spec in specs:
         refs = [unit.refs[spec.name] for unit in units if spec.name in unit.refs]
-        uris = butler.get_many_uris(refs)
+        found = datastore.primary_artifacts([ref.id for ref in refs])
         for unit in units:
             ref = unit.refs.get(spec.name)
             if ref is None:
                 continue
-            primary = uris[ref].primaryURI
-            if primary is None:
+            if ref.id not in found:
+                unit.missing.append(f"{spec.name}: dataset {ref.id} has no file in the datastore")
+                continue
+            artifact = found[ref.id]
+            if artifact is None:
                 raise UsageError(
                     f"input {spec.name} ({spec.dataset_type}) is stored as a disassembled composite "
                     "(one file per component); butlerfs run needs one file per dataset"
                 )
-            unit.uris[spec.name] = str(primary)
-            if spec.mode is StagingMode.DIRECT and direct_path(str(primary)) is None:
+            unit.uris[spec.name] = artifact.uri
+            unit.extensions[spec.name] = extension_of(artifact.path)
+            if spec.mode is StagingMode.DIRECT and direct_path(artifact.uri) is None:
                 raise UsageError(
-                    f"input {spec.name}: {primary} is not a file at rest on POSIX, so it cannot be staged "
-                    "direct: use mount (the default) or copy"
+                    f"input {spec.name}: {artifact.uri} is not a file at rest on POSIX, so it cannot be "
+                    "staged direct: use mount (the default) or copy"
                 )
 
 

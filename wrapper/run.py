@@ -380,6 +380,11 @@ def plan_run(options: RunOptions) -> Plan:
     template = _check_program(CommandTemplate.parse(options.command, shell=options.shell))
     sandbox = resolve_sandbox(options.sandbox, options.network)
     butler = open_butler(options.repo, writeable=bool(outputs))
+    if outputs and not butler.isWriteable():
+        raise UsageError(
+            f"{options.repo} is read-only (a client/server Butler stores nothing), so --output cannot "
+            "store there: drop --output and --output-run (each data ID's files stay in its workspace)"
+        )
     collections = check_collections(butler, options.repo, options.collections)
     if inputs:  # placeholders first: the query may take a while
         first_type = get_dataset_type(butler, inputs[0])
@@ -464,7 +469,8 @@ def _input_files(plan: Plan, unit: Unit, mounted: Mount | None) -> list[InputFil
         ids = dict(dataset_id=str(ref.id), dataset_type=ref.datasetType.name)
         if spec.mode in (StagingMode.MOUNT, StagingMode.COPY):
             assert mounted is not None
-            rel = dataset_path(ref.datasetType.name, ref.dataId.required.items(), file_extension(uri))
+            extension = unit.extensions.get(spec.name, file_extension(uri))
+            rel = dataset_path(ref.datasetType.name, ref.dataId.required.items(), extension)
             path: str | None = mounted.path(rel)
             assert path is not None
             if not os.path.exists(path):  # several calibrations share the data ID: names carry the UUID
