@@ -198,7 +198,6 @@ def main() -> int:
             for ra in (None, ROOT_READ_AHEAD):
                 with user_mount(user, posix_repo, mountpoint, bench_read.RUN, ra) as (path, dev):
                     requests[f"posix{ra or 128}"] = read_requests(user, dev, path)
-                    requests[f"posix{ra or 128}-off"] = requests[f"posix{ra or 128}"]
                 with user_mount(user, s3.repo, mountpoint, bench_s3.RUN, ra, "-t", bench_s3.BIG,
                                 "--cache-dir", str(caches / f"perf-{ra}")) as (path, dev):
                     requests[f"s3{ra or 128}"] = read_requests(user, dev, path)
