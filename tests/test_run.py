@@ -367,7 +367,9 @@ def test_timeout_stops_the_whole_tree(repo, work, sandbox):
     )
     elapsed = time.monotonic() - start
     assert result.returncode == 1, result.stderr + result.stdout
-    assert elapsed < 30
+    # The run did not wait for the sleeps (the command's start-up, a mount daemon importing the
+    # Butler, takes what the machine's load makes it); each program was stopped in time:
+    assert elapsed < float(marker) / 2
     for m in manifests(work).values():
         assert m["status"] == "timeout" and "timed out after 1 s" in m["reason"]
         assert 1.0 <= m["wall_time"] < 5.0
