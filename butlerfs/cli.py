@@ -251,10 +251,29 @@ def umount_command(mountpoint: str) -> None:
     help="Pixels on a side of each calexp.",
 )
 @click.option("--datastore-root", default=None, help="Datastore root URI (default: inside ROOT).")
-@click.option("--force", is_flag=True, help="Replace ROOT if it exists.")
+@click.option(
+    "--registry",
+    default=None,
+    metavar="URL",
+    help="Registry database, e.g. postgresql://USER@HOST:PORT/DB (needs butlerfs[postgres] and "
+    "btree_gist in DB; default: SQLite in ROOT).",
+)
+@click.option(
+    "--namespace",
+    default=None,
+    help="PostgreSQL schema holding this repository's tables (default: demo_<ROOT name>_<hash>).",
+)
+@click.option("--force", is_flag=True, help="Replace ROOT (and the registry namespace) if it exists.")
 @_user_errors
 def demo_repo_command(
-    root: str, visits: int, detectors: int, image_size: int, datastore_root: str | None, force: bool
+    root: str,
+    visits: int,
+    detectors: int,
+    image_size: int,
+    datastore_root: str | None,
+    registry: str | None,
+    namespace: str | None,
+    force: bool,
 ) -> None:
     """Create a demo repository at ROOT shaped like Rubin's DP0.2 data."""
     from .demo import make_demo_repo
@@ -266,6 +285,8 @@ def demo_repo_command(
             detectors=detectors,
             image_size=image_size,
             datastore_root=datastore_root,
+            registry=registry,
+            namespace=namespace,
             force=force,
         )
     except FileExistsError as err:

@@ -18,7 +18,9 @@ builds with the same arguments hold the same datasets and the same bytes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sqlalchemy
 from astropy.io import fits
 from astropy.time import Time, TimeDelta
 from astropy.wcs import WCS
@@ -48,9 +51,19 @@ from lsst.resources import ResourcePath
 from lsst.sphgeom import ConvexPolygon, LonLat, UnitVector3d
 
 from . import synth
+from .errors import UsageError
 from .formatter import FileArtifactFormatter, storage_class_config
+from .registry import database_errors, database_location
 
-__all__ = ["CALIB", "DEFAULTS", "FORMATTERS", "INSTRUMENT", "DemoSummary", "make_demo_repo"]
+__all__ = [
+    "CALIB",
+    "DEFAULTS",
+    "FORMATTERS",
+    "INSTRUMENT",
+    "DemoSummary",
+    "default_namespace",
+    "make_demo_repo",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -97,7 +110,7 @@ class DemoSummary:
     Attributes
     ----------
     root : `str`
-        Repository root (where ``butler.yaml`` and the SQLite registry live).
+        Repository root (where ``butler.yaml``, and the SQLite registry if there is one, live).
     datastore_root : `str`
         URI of the datastore root.
     collections : `dict` [`str`, `str`]
@@ -167,6 +180,8 @@ def make_demo_repo(
     image_size: int = 512,
     seed: int = 42,
     datastore_root: str | None = None,
+    registry: str | None = None,
+    namespace: str | None = None,
     force: bool = False,
 ) -> DemoSummary:
     """Create a DP0.2-shaped ``LSSTCam-imSim`` demo repository.
@@ -185,9 +200,17 @@ def make_demo_repo(
         Seed of all random numbers.
     datastore_root : `str`, optional
         URI of the datastore root (e.g. ``s3://bucket/repo/``); the registry stays a local SQLite
-        file under ``root``.  Default: ``root`` itself.
+        file under ``root`` unless ``registry`` is given.  Default: ``root`` itself.
+    registry : `str`, optional
+        SQLAlchemy URL of the registry database, e.g. ``postgresql://user@host:5432/db`` (needs
+        ``butlerfs[postgres]`` and ``CREATE EXTENSION btree_gist`` in that database).  Default: a
+        SQLite file under ``root``.
+    namespace : `str`, optional
+        Schema of a PostgreSQL registry holding this repository's tables, so that one database
+        can hold several repositories.  Default: `default_namespace` of ``root``.
     force : `bool`, optional
-        Delete an existing repository (and the files under ``datastore_root``) first.
+        Delete an existing repository (the files under ``datastore_root`` and the registry's
+        namespace included) first.
 
     Returns
     -------
@@ -200,6 +223,9 @@ def make_demo_repo(
         Raised if ``root`` (or ``datastore_root``) is not empty and ``force`` is false.
     ValueError
         Raised for sizes out of range (LSSTCam has 189 science detectors).
+    UsageError
+        Raised for a bad or (without ``force``) existing namespace, or a registry database that
+        cannot be reached or used.
     """
     if visits < 1 or not 1 <= detectors <= len(synth.SCIENCE_RAFTS) * 9 or image_size < 16:
         raise ValueError(
@@ -207,13 +233,24 @@ def make_demo_repo(
             f"{detectors}, {image_size}"
         )
     t0 = time.perf_counter()
-    _clear(root, datastore_root, force)
-    config: dict[str, Any] = storage_class_config()
-    # So that a put() of a postISRCCD (with afw) would be disassembled like the demo's ones.
-    config["datastore"]["composites"] = {"disassembled": {"postISRCCD": True}}
-    if datastore_root is not None:
-        config["datastore"]["root"] = str(ResourcePath(datastore_root, forceDirectory=True))
-    Butler.makeRepo(root, config=Config(config), forceConfigRoot=datastore_root is None)
+    if registry is not None and registry.startswith("postgresql"):
+        namespace = namespace or default_namespace(root)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", namespace):
+            raise UsageError(f"namespace {namespace!r}: use up to 63 letters, digits and underscores")
+    elif namespace is not None:
+        raise UsageError("a namespace needs a PostgreSQL registry (--registry postgresql://...)")
+    with database_errors(lambda: database_location(registry or "sqlite://")):
+        # The database first: if it cannot be reached, nothing has been deleted yet.
+        if registry is not None and namespace is not None:
+            _clear_namespace(registry, namespace, force)
+        _clear(root, datastore_root, force)
+        created = not Path(root).exists()
+        try:
+            _make_repo(root, datastore_root, registry, namespace)
+        except BaseException:
+            if created:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
     butler = Butler.from_config(root, writeable=True)
     builder = _Builder(butler, visits, detectors, image_size, seed)
     with tempfile.TemporaryDirectory(prefix="butlerfs-demo-") as staging:
@@ -244,6 +281,48 @@ def _clear(root: str, datastore_root: str | None, force: bool) -> None:
             shutil.rmtree(target.ospath) if Path(target.ospath).is_dir() else Path(target.ospath).unlink()
         else:
             ResourcePath.mremove(list(ResourcePath.findFileResources([target])))
+
+
+def _make_repo(root: str, datastore_root: str | None, registry: str | None, namespace: str | None) -> None:
+    config: dict[str, Any] = storage_class_config()
+    # So that a put() of a postISRCCD (with afw) would be disassembled like the demo's ones.
+    config["datastore"]["composites"] = {"disassembled": {"postISRCCD": True}}
+    if datastore_root is not None:
+        config["datastore"]["root"] = str(ResourcePath(datastore_root, forceDirectory=True))
+    if registry is not None:
+        config["registry"] = {"db": registry, **({"namespace": namespace} if namespace else {})}
+    Butler.makeRepo(root, config=Config(config), forceConfigRoot=datastore_root is None)
+
+
+def default_namespace(root: str) -> str:
+    """Return the PostgreSQL namespace a demo repository at ``root`` gets by default.
+
+    ``demo_<name>_<hash>``: the root directory's name, made a plain identifier, and eight hex
+    digits of its absolute path, so two roots never share a namespace.
+    """
+    path = Path(root).absolute()
+    name = re.sub(r"[^a-z0-9_]+", "_", path.name.lower()).strip("_")[:30] or "repo"
+    return f"demo_{name}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+def _clear_namespace(registry: str, namespace: str, force: bool) -> None:
+    """Refuse, or with ``force`` drop, an existing namespace of a PostgreSQL registry."""
+    engine = sqlalchemy.create_engine(registry, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            if namespace not in sqlalchemy.inspect(conn).get_schema_names():
+                return
+            if not force:
+                where = engine.url.render_as_string(hide_password=True)
+                raise UsageError(
+                    f"namespace {namespace} of {where} exists: pass --force to replace it, "
+                    "or choose another --namespace"
+                )
+            _log.info("Dropping namespace %s", namespace)
+            conn.execute(sqlalchemy.text(f'DROP SCHEMA "{namespace}" CASCADE'))
+            conn.commit()
+    finally:
+        engine.dispose()
 
 
 class _Builder:

@@ -8,28 +8,51 @@ an artifact or imports a formatter, so repositories whose storage classes need a
 
 A Butler is not thread-safe, so every query runs under one lock; FUSE reads never
 come here.
+
+Registry faults are translated here, once: a database that cannot be reached (or refuses
+the credentials) is a one-line `UsageError` when the repository is opened, and a
+`RegistryUnavailableError` (``EIO``) for a query of a mounted repository, with one warning
+per outage in the log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import errno
 import fnmatch
 import logging
+import os
+import re
 import threading
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from lsst.daf.butler import Butler, CollectionType, DatasetType
+import sqlalchemy.engine
+import sqlalchemy.exc
+from lsst.daf.butler import Butler, ButlerConfig, CollectionType, DatasetType
 from lsst.daf.butler.datastore.stored_file_info import NULLSTR
 from lsst.daf.butler.registry import MissingCollectionError
 from lsst.resources import ResourcePath
 
-from .errors import UsageError
+from .errors import FsError, UsageError
 from .layout import DataIdValue
 
-__all__ = ["Artifact", "DatasetEntry", "DatasetTypeInfo", "RepoIndex", "check_collections", "open_butler"]
+__all__ = [
+    "Artifact",
+    "DatasetEntry",
+    "DatasetTypeInfo",
+    "RegistryUnavailableError",
+    "RepoIndex",
+    "check_collections",
+    "database_errors",
+    "database_location",
+    "open_butler",
+    "registry_location",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -149,8 +172,14 @@ class RepoIndex:
     Raises
     ------
     UsageError
-        Raised for a missing repository, unknown collection or dataset type, or a bad
-        ``where``: the message says what to fix.
+        Raised for a missing repository, an unreachable registry, an unknown collection
+        or dataset type, or a bad ``where``: the message says what to fix.
+
+    Notes
+    -----
+    Once open, a query whose database does not answer raises `RegistryUnavailableError`
+    (``EIO``); the first of an outage logs one warning, the first success after it
+    one info line. The Butler's connection pool reconnects by itself.
     """
 
     def __init__(
@@ -164,11 +193,14 @@ class RepoIndex:
         self.where = where
         self._lock = threading.Lock()
         self._butler = open_butler(repo)
-        self.collections = check_collections(self._butler, repo, collections)
-        self._types = _select_dataset_types(self._butler, self.collections, dataset_types)
-        self._calibration_collections = self._find_calibration_collections()
-        if where:
-            self._check_where()
+        self._location = ""  # for messages; read from the configuration at the first fault
+        self._down_since: float | None = None
+        with _opening(repo):
+            self.collections = check_collections(self._butler, repo, collections)
+            self._types = _select_dataset_types(self._butler, self.collections, dataset_types)
+            self._calibration_collections = self._find_calibration_collections()
+            if where:
+                self._check_where()
 
     @property
     def dataset_types(self) -> Mapping[str, DatasetTypeInfo]:
@@ -185,7 +217,7 @@ class RepoIndex:
         An upper bound is good enough: it only decides whether a directory's
         whole subtree is fetched at once.
         """
-        with self._lock, self._butler.query() as query:
+        with self._query() as butler, butler.query() as query:
             query = query.join_dataset_search(dataset_type, self.collections)
             info = self._types[dataset_type]
             return query.data_ids(info.dimensions).where(fixed, self.where).count(exact=False)
@@ -194,7 +226,7 @@ class RepoIndex:
         self, dataset_type: str, fixed: Mapping[str, DataIdValue], dimension: str
     ) -> list[DataIdValue]:
         """Return the sorted values of ``dimension`` among the datasets under ``fixed``."""
-        with self._lock, self._butler.query() as query:
+        with self._query() as butler, butler.query() as query:
             query = query.join_dataset_search(dataset_type, self.collections)
             rows = query.data_ids([*fixed, dimension]).where(fixed, self.where)
             return sorted({row[dimension] for row in rows})
@@ -208,7 +240,7 @@ class RepoIndex:
         info = self._types[dataset_type]
         find_first = not (info.is_calibration and self._calibration_collections)
         fields: Any = {"dataset_id", "run", "ingest_date"}
-        with self._lock, self._butler.query() as query:
+        with self._query() as butler, butler.query() as query:
             query = query.join_dataset_search(dataset_type, self.collections)
             results = query.general(
                 info.dimensions, dataset_fields={dataset_type: fields}, find_first=find_first
@@ -233,6 +265,31 @@ class RepoIndex:
                 )
             )
         return entries
+
+    @contextlib.contextmanager
+    def _query(self) -> Iterator[Butler]:
+        """Hold the Butler for one query; turn a database that does not answer into ``EIO``."""
+        with self._lock:
+            try:
+                yield self._butler
+            except sqlalchemy.exc.DBAPIError as err:
+                if not _is_unreachable(err):
+                    raise
+                self._location = self._location or registry_location(self.repo)
+                message = f"cannot reach the registry at {self._location}: {_reason(err)}"
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    _LOG.warning("%s; listings that need it fail with EIO until it answers", message)
+                else:
+                    _LOG.debug("%s", message)
+                raise RegistryUnavailableError(message) from None
+            if self._down_since is not None:
+                _LOG.info(
+                    "The registry at %s answers again, after %.0f s",
+                    self._location,
+                    time.monotonic() - self._down_since,
+                )
+                self._down_since = None
 
     def _artifacts(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[Artifact, ...]]:
         # The datastore's own export reads these rows too, but builds a
@@ -266,6 +323,8 @@ class RepoIndex:
             with self._butler.query() as query:
                 query = query.join_dataset_search(name, self.collections)
                 query.data_ids(self._types[name].dimensions).where(self.where).limit(1).any(execute=True)
+        except sqlalchemy.exc.DBAPIError:
+            raise  # the database, not the expression
         except Exception as err:  # the query system raises several unrelated types for bad syntax
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UsageError(f"invalid --where expression {self.where!r}: {message}") from None
@@ -281,15 +340,142 @@ def open_butler(repo: str, *, writeable: bool = False) -> Butler:
     Raises
     ------
     UsageError
-        Raised if ``repo`` is not a Butler repository.
+        Raised if ``repo`` is not a Butler repository, or its registry database cannot
+        be reached or refuses the credentials.
     """
+    # libpq waits for ever for a server that does not answer; a user's own setting wins.
+    os.environ.setdefault("PGCONNECT_TIMEOUT", "10")
     try:
-        return Butler.from_config(repo, writeable=writeable)
+        with _opening(repo), _quiet_butler_failure():
+            return Butler.from_config(repo, writeable=writeable)
     except (FileNotFoundError, RuntimeError, ValueError, KeyError) as err:
         first = str(err).split(" (given", 1)[0]
         raise UsageError(
             f"{repo} is not a Butler repository ({first}): give the directory holding butler.yaml"
         ) from None
+
+
+class RegistryUnavailableError(FsError):
+    """A query of an open repository failed because its registry database did not answer.
+
+    It carries ``EIO``: the FUSE boundary returns that for the listing or lookup that needed
+    the query.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+
+def registry_location(repo: str) -> str:
+    """Return where the registry database of ``repo`` is: ``HOST:PORT``, or ``repo`` itself.
+
+    For messages only: any failure to read the configuration gives ``repo``.
+    """
+    try:
+        db = str(ButlerConfig(repo)["registry", "db"])
+    except Exception:
+        return repo
+    return database_location(db, sqlite=f"{repo} (SQLite)")
+
+
+def database_location(db: str, sqlite: str = "a SQLite file") -> str:
+    """Return ``HOST:PORT`` of a database URL (``sqlite`` for a SQLite one), for messages."""
+    try:
+        url = sqlalchemy.engine.make_url(db)
+    except sqlalchemy.exc.ArgumentError:
+        return db
+    if url.get_backend_name() == "sqlite":
+        return sqlite
+    port = url.port or {"postgresql": 5432}.get(url.get_backend_name())
+    return f"{url.host or 'localhost'}:{port}" if port else (url.host or "localhost")
+
+
+def _is_unreachable(err: sqlalchemy.exc.DBAPIError) -> bool:
+    """Whether a database error means the database cannot be used now (not a bad query)."""
+    return err.connection_invalidated or isinstance(
+        err, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+    )
+
+
+_HINTS = (
+    ("password authentication failed", "check the password in the database URL or ~/.lsst/db-auth.yaml"),
+    ("no password supplied", "give the password in ~/.lsst/db-auth.yaml"),
+    ("does not exist", "check the database URL and namespace: registry.db and registry.namespace"),
+)
+"""Fixes appended to the database's reason, first match wins."""
+
+
+def _reason(err: BaseException) -> str:
+    """Return the database's own reason on one line (``connection refused``)."""
+    orig = getattr(err, "orig", None) or err
+    lines = str(orig).strip().splitlines()
+    text = lines[0] if lines else type(orig).__name__
+    # libpq: 'connection failed: connection to server at "h", port 5432 failed: FATAL:  reason'
+    text = text.rsplit(" failed: ", 1)[-1]
+    text = re.sub(r"^(FATAL|ERROR):\s+", "", text)
+    host = re.match(r"failed to resolve host '(.*?)'", text)
+    if host:
+        text = f"unknown host {host.group(1)}"
+    return text[:1].lower() + text[1:]
+
+
+@contextlib.contextmanager
+def database_errors(where: Callable[[], str]) -> Iterator[None]:
+    """Turn a database error while opening a repository into one line saying what to fix.
+
+    Parameters
+    ----------
+    where : callable
+        Returns the database's location for the message (called only on error).
+
+    Raises
+    ------
+    UsageError
+        Raised for an unreachable database, refused credentials, a missing database or
+        namespace, or a missing PostgreSQL driver.
+    """
+    try:
+        yield
+    except sqlalchemy.exc.DBAPIError as err:
+        reason = _reason(err)
+        hint = next((f" ({fix})" for key, fix in _HINTS if key in reason), "")
+        verb = "reach" if _is_unreachable(err) else "use"
+        raise UsageError(f"cannot {verb} the registry at {where()}: {reason}{hint}") from None
+    except RuntimeError as err:
+        if "btree_gist" not in str(err):
+            raise
+        raise UsageError(
+            f"the registry database at {where()} lacks the btree_gist extension: "
+            "run CREATE EXTENSION btree_gist; in it as its owner"
+        ) from None
+    except ImportError as err:
+        if err.name != "psycopg":
+            raise
+        raise UsageError(
+            f"the registry at {where()} is PostgreSQL, which needs psycopg 3: "
+            "pip install 'butlerfs[postgres]'"
+        ) from None
+
+
+def _opening(repo: str) -> contextlib.AbstractContextManager[None]:
+    return database_errors(lambda: registry_location(repo))
+
+
+class _DropFailedToInstantiate(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to instantiate Butler")
+
+
+@contextlib.contextmanager
+def _quiet_butler_failure() -> Iterator[None]:
+    """Drop the Butler's own log line on a failed open: the `UsageError` says it, once."""
+    logger = logging.getLogger("lsst.daf.butler.direct_butler._direct_butler")
+    quiet = _DropFailedToInstantiate()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def check_collections(butler: Butler, repo: str, collections: Sequence[str]) -> tuple[str, ...]:

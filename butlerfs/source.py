@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from . import artifacts
 from .errors import FsError, not_found, read_only
 from .layout import DataIdValue, dimension_dir, file_name
-from .registry import Artifact, DatasetEntry, DatasetTypeInfo, RepoIndex
+from .registry import Artifact, DatasetEntry, DatasetTypeInfo, RegistryUnavailableError, RepoIndex
 
 __all__ = ["Attributes", "ButlerSource", "Directory", "File"]
 
@@ -155,7 +155,13 @@ class ButlerSource:
         node = self.lookup(path)
         if isinstance(node, File):
             raise FsError(errno.ENOTDIR, f"not a directory: {path}")
-        children = self._children(node, reload=self._stale(node))
+        try:
+            children = self._children(node, reload=self._stale(node))
+        except RegistryUnavailableError:
+            if node.children is None:
+                raise
+            # The registry is down: a directory listed before keeps its last listing.
+            children = node.children
         return sorted(children.items())
 
     def _stale(self, node: Directory) -> bool:

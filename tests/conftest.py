@@ -17,6 +17,8 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 BIN = Path(sys.executable).parent
+# scripts/pgserver.py (a private PostgreSQL server) is shared with the benchmarks.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 
 def require(condition: bool, what: str) -> None:
@@ -47,16 +49,66 @@ def require_fuse() -> None:
     require_tool("fusermount3")
 
 
+DEFAULTS = "LSSTCam-imSim/defaults"
+
+
+REGISTRIES = ("sqlite", "postgresql")
+"""The registry databases the tests that touch the registry run against."""
+
+
+def require_postgres() -> None:
+    import glob
+    import importlib.util
+
+    require(bool(glob.glob("/usr/lib/postgresql/*/bin/postgres")), "Debian's postgresql (run make setup)")
+    require(importlib.util.find_spec("psycopg") is not None, "psycopg 3: butlerfs[postgres] (make setup)")
+
+
 @pytest.fixture(scope="session")
-def demo(tmp_path_factory: pytest.TempPathFactory):
-    """A small demo repository shared by the session (tests must not modify it)."""
+def pg_server() -> Iterator:
+    """A private PostgreSQL server for the session (``scripts/pgserver.py``), removed afterwards."""
+    require_postgres()
+    from pgserver import PostgresServer
+
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def pg_registry(pg_server) -> str:
+    """URL of the session's database for PostgreSQL repositories (each in its own namespace)."""
+    return pg_server.create_database("butlerfs_tests")
+
+
+def make_repo(request: pytest.FixtureRequest, name: str, registry: str, **kwargs):
+    """`make_demo_repo` in a new directory, its registry SQLite or in the session's PostgreSQL."""
     from butlerfs.demo import make_demo_repo
 
-    root = tmp_path_factory.mktemp("demo") / "repo"
-    return make_demo_repo(str(root), visits=2, detectors=3, image_size=256)
+    if registry == "postgresql":
+        kwargs["registry"] = request.getfixturevalue("pg_registry")
+    root = request.getfixturevalue("tmp_path_factory").mktemp(f"{name}-{registry}") / "repo"
+    return make_demo_repo(str(root), **kwargs)
 
 
-DEFAULTS = "LSSTCam-imSim/defaults"
+DEMO_SHAPE = {"visits": 2, "detectors": 3, "image_size": 256}
+
+
+@pytest.fixture(scope="session")
+def demo(request: pytest.FixtureRequest):
+    """A small demo repository shared by the session (tests must not modify it)."""
+    return make_repo(request, "demo", "sqlite", **DEMO_SHAPE)
+
+
+@pytest.fixture(scope="session")
+def demo_pg(request: pytest.FixtureRequest):
+    """The same demo repository with its registry in PostgreSQL (tests must not modify it)."""
+    return make_repo(request, "demo", "postgresql", **DEMO_SHAPE)
+
+
+@pytest.fixture(params=REGISTRIES)
+def any_demo(request: pytest.FixtureRequest):
+    """`demo` or `demo_pg`: a test that takes it runs once per registry database."""
+    return request.getfixturevalue("demo" if request.param == "sqlite" else "demo_pg")
 
 
 def _mount_points() -> list[str]:
@@ -131,6 +183,16 @@ def mounted(demo, mountpoint: Path):
     import butlerfs
 
     with butlerfs.mount(demo.root, str(mountpoint), collections=[DEFAULTS], refresh=1.0) as m:
+        yield m
+
+
+@pytest.fixture
+def mounted_any(any_demo, mountpoint: Path):
+    """`any_demo` mounted for one test (the test runs once per registry database)."""
+    require_fuse()
+    import butlerfs
+
+    with butlerfs.mount(any_demo.root, str(mountpoint), collections=[DEFAULTS], refresh=1.0) as m:
         yield m
 
 

@@ -28,7 +28,11 @@ def _calexps(m) -> list[Path]:
     return sorted(Path(m.mountpoint, "calexp").glob("instrument_*/detector_*/visit_*/calexp_*.fits"))
 
 
-def test_layout_visible_to_find_ls_stat(mounted, demo):
+# The tests taking mounted_any / any_demo run once per registry database (SQLite, PostgreSQL).
+
+
+def test_layout_visible_to_find_ls_stat(mounted_any, any_demo):
+    mounted, demo = mounted_any, any_demo
     top = sorted(os.listdir(mounted.mountpoint))
     assert {"calexp", "raw", "bias", "flat"} <= set(top)
     found = subprocess.run(
@@ -164,7 +168,8 @@ def test_writes_fail_with_erofs(mounted):
         assert info.value.errno == errno.EROFS, info.value
 
 
-def test_zip_and_disassembled_datasets_are_readable(mounted, demo):
+def test_zip_and_disassembled_datasets_are_readable(mounted_any):
+    mounted = mounted_any
     from astropy.io import fits
 
     for dataset_type in (ZIPPED, DISASSEMBLED):
@@ -201,7 +206,8 @@ def test_concurrent_readers_get_the_right_bytes(mounted):
         assert all(pool.map(read, paths * 2))
 
 
-def test_dataset_ingested_while_mounted_appears_after_refresh(demo, mountpoint, tmp_path):
+def test_dataset_ingested_while_mounted_appears_after_refresh(any_demo, mountpoint, tmp_path):
+    demo = any_demo
     from conftest import require_fuse
     from lsst.daf.butler import Butler, DatasetType
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import BIN, DEFAULTS, require_tool
+from conftest import BIN, DEFAULTS, REGISTRIES, make_repo, require_tool
 
 ROOT = Path(__file__).parent.parent
 PIPELINES = ROOT / "pipelines"
@@ -44,13 +44,25 @@ tasks:
 # -- fixtures and helpers -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory):
-    """A demo repository owned by this module (1 visit x 2 detectors, 128 px)."""
-    from butlerfs.demo import make_demo_repo
+REPO_SHAPE = {"visits": 1, "detectors": 2, "image_size": 128}
 
-    root = tmp_path_factory.mktemp("pipetask") / "repo"
-    return make_demo_repo(str(root), visits=1, detectors=2, image_size=128)
+
+@pytest.fixture(scope="module")
+def repo(request: pytest.FixtureRequest):
+    """A demo repository owned by this module (1 visit x 2 detectors, 128 px)."""
+    return make_repo(request, "pipetask", "sqlite", **REPO_SHAPE)
+
+
+@pytest.fixture(scope="module")
+def repo_pg(request: pytest.FixtureRequest):
+    """The same with its registry in PostgreSQL."""
+    return make_repo(request, "pipetask", "postgresql", **REPO_SHAPE)
+
+
+@pytest.fixture(params=REGISTRIES)
+def any_repo(request: pytest.FixtureRequest):
+    """`repo` or `repo_pg`: a test that takes it runs once per registry database."""
+    return request.getfixturevalue("repo" if request.param == "sqlite" else "repo_pg")
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +132,14 @@ def no_workspaces_left(scratch: Path) -> None:
     assert not left, f"workspaces of successful quanta were not removed: {left}"
 
 
-@pytest.fixture(scope="module")
-def sextractor_run(repo, scratch):
+@pytest.fixture
+def sextractor_run(any_repo, scratch):
     """``pipetask run -j 2`` of pipelines/sextractor.yaml into u/test/sex."""
     require_tool("source-extractor")
     result = ok(
-        pipetask_run(repo, PIPELINES / "sextractor.yaml", "u/test/sex", "-j", "2", env=environment(scratch))
+        pipetask_run(
+            any_repo, PIPELINES / "sextractor.yaml", "u/test/sex", "-j", "2", env=environment(scratch)
+        )
     )
     return result
 
@@ -277,7 +291,8 @@ def test_timeout_fails_the_quantum_in_process(repo, tmp_path):
 # -- pipetask run ---------------------------------------------------------------------------------
 
 
-def test_sextractor_pipeline_catalogs_read_back(repo, scratch, sextractor_run):
+def test_sextractor_pipeline_catalogs_read_back(any_repo, scratch, sextractor_run):
+    repo = any_repo
     from lsst.resources import ResourcePath
 
     butler = open_butler(repo)

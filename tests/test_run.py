@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import BIN, DEFAULTS, require, require_fuse, require_tool
+from conftest import BIN, DEFAULTS, REGISTRIES, make_repo, require, require_fuse, require_tool
 
 from wrapper.template import CommandTemplate, TemplateError
 from wrapper.workspace import glob_match
@@ -32,13 +32,25 @@ SEX_PARAMS = "NUMBER\nX_IMAGE\nY_IMAGE\nFLUX_AUTO\nFLAGS\n"
 # -- fixtures and helpers -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory):
-    """A demo repository owned by this module (2 visits x 2 detectors, 128 px)."""
-    from butlerfs.demo import make_demo_repo
+REPO_SHAPE = {"visits": 2, "detectors": 2, "image_size": 128}
 
-    root = tmp_path_factory.mktemp("run") / "repo"
-    return make_demo_repo(str(root), visits=2, detectors=2, image_size=128)
+
+@pytest.fixture(scope="module")
+def repo(request: pytest.FixtureRequest):
+    """A demo repository owned by this module (2 visits x 2 detectors, 128 px)."""
+    return make_repo(request, "run", "sqlite", **REPO_SHAPE)
+
+
+@pytest.fixture(scope="module")
+def repo_pg(request: pytest.FixtureRequest):
+    """The same with its registry in PostgreSQL."""
+    return make_repo(request, "run", "postgresql", **REPO_SHAPE)
+
+
+@pytest.fixture(params=REGISTRIES)
+def any_repo(request: pytest.FixtureRequest):
+    """`repo` or `repo_pg`: a test that takes it runs once per registry database."""
+    return request.getfixturevalue("repo" if request.param == "sqlite" else "repo_pg")
 
 
 @pytest.fixture
@@ -137,7 +149,8 @@ def test_glob_match():
 # -- real programs --------------------------------------------------------------------------------
 
 
-def test_source_extractor_catalogs_ingested_read_back_and_resumed(repo, work, tmp_path):
+def test_source_extractor_catalogs_ingested_read_back_and_resumed(any_repo, work, tmp_path):
+    repo = any_repo
     require_tool("source-extractor")
     require_sandbox()
     params = tmp_path / "sex.param"
@@ -255,7 +268,8 @@ open("log.txt", "w").write(f"{raw} {bias} {flat}\\n")
 """
 
 
-def test_isr_like_three_inputs_calibs_by_timespan_put(repo, work, tmp_path):
+def test_isr_like_three_inputs_calibs_by_timespan_put(any_repo, work, tmp_path):
+    repo = any_repo
     script = tmp_path / "isr.py"
     script.write_text(ISR)
     result = butlerfs_run(

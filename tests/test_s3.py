@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import require, require_fuse, require_root, require_tool, run_cli
+from conftest import REGISTRIES, require, require_fuse, require_root, require_tool, run_cli
 from s3server import ACCESS_KEY, MotoServer, Snapshot, TcpProxy, running
 from test_cli_errors import _assert_clean_error, _assert_not_mounted
 
@@ -166,6 +166,28 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Repos]:
         yield S3Repos(server, demo, repo2, repo2_run, snapshot)
 
 
+@pytest.fixture(scope="module")
+def s3_demo_pg(s3, request: pytest.FixtureRequest):
+    """A demo repository with its registry in PostgreSQL and its datastore in the same bucket."""
+    from conftest import make_repo
+
+    return make_repo(
+        request,
+        "s3",
+        "postgresql",
+        visits=1,
+        detectors=2,
+        image_size=128,
+        datastore_root=f"s3://{BUCKET}/demo-pg/",
+    )
+
+
+@pytest.fixture(params=REGISTRIES)
+def s3_any_demo(s3, request: pytest.FixtureRequest):
+    """The module's demo (SQLite registry) or `s3_demo_pg`: the test runs once per registry database."""
+    return s3.demo if request.param == "sqlite" else request.getfixturevalue("s3_demo_pg")
+
+
 @pytest.fixture
 def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
@@ -247,18 +269,19 @@ def _medium_files(m) -> list[Path]:
 # Reading
 
 
-def test_every_file_equals_its_boto3_download(s3, mountpoint, tmp_path):
+def test_every_file_equals_its_boto3_download(s3, s3_any_demo, mountpoint, tmp_path):
+    demo = s3_any_demo
     truth = Boto3Truth(s3.server.client())
-    with _mount(s3.demo.root, mountpoint, tmp_path, [s3.demo.defaults]) as m:
+    with _mount(demo.root, mountpoint, tmp_path, [demo.defaults]) as m:
         files = _files(m.mountpoint)
-        assert len(files) == sum(s3.demo.dataset_counts.values()) + s3.demo.dataset_counts["postISRCCD"] * 2
+        assert len(files) == sum(demo.dataset_counts.values()) + demo.dataset_counts["postISRCCD"] * 2
         zipped = 0
         for path in files:
             uri = _uri(path)
-            assert uri.startswith(f"s3://{BUCKET}/demo/"), uri
+            assert uri.startswith(demo.datastore_root) and demo.datastore_root.startswith("s3://"), uri
             zipped += "#zip-path=" in uri
             assert _read(path, 65536 + 7) == truth(uri), path
-        assert zipped == s3.demo.dataset_counts[s3.demo.zip_dataset_type]
+        assert zipped == demo.dataset_counts[demo.zip_dataset_type]
 
 
 def test_fitsverify_and_astropy_read_through_the_mount(s3, mountpoint, tmp_path):
