@@ -1,8 +1,8 @@
 """Per-data-ID cost of each overlay mode of ``butlerfs run``, as root and as an ordinary user.
 
 Run it as root: it runs every arm itself, then again as an ordinary user (``--user``, default
-``butlerfs-ci``, created by ``scripts/ci-as-user.sh``) through ``runuser``, in a work directory
-that user owns. The repository is the one of ``bench_run.py`` (``make_demo_repo(visits=N/4,
+``butlerfs-ci``, created if missing as ``scripts/ci-as-user.sh`` does) through ``runuser``, in
+a work directory that user owns. The repository is the one of ``bench_run.py`` (``make_demo_repo(visits=N/4,
 detectors=4, image_size=64)``, cached under ``$BUTLERFS_BENCH_DIR/run-<N>/``), and so is the
 program: ``sh -c 'head -c 2880 "$1" >/dev/null; sleep 0.2' _ FILE``.
 
@@ -79,10 +79,7 @@ def main() -> int:
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_overlay.py compares root with an ordinary user: run it as root")
-    try:
-        account = pwd.getpwnam(args.user)
-    except KeyError:
-        sys.exit(f"no user {args.user}: create it (bash scripts/ci-as-user.sh does) or give --user")
+    uid, gid, _ = c.ordinary_user(args.user)
     n = args.data_ids or (12 if args.quick else 40)
     if n % br.DETECTORS or n < br.DETECTORS:
         sys.exit(f"--data-ids must be a positive multiple of {br.DETECTORS}")
@@ -105,7 +102,7 @@ def main() -> int:
     c.remove_tree(work)
     work.mkdir(mode=0o755)
     (work / "user").mkdir()
-    os.chown(work / "user", account.pw_uid, account.pw_gid)
+    os.chown(work / "user", uid, gid)
     loop = br.Arm()
     arms: dict[tuple[str, str, str], br.Arm] = {}
     identities = [("root", None), (args.user, args.user)]

@@ -4,7 +4,8 @@ A daemon running as root raises its mount's kernel read-ahead to 4 MiB (``/sys/c
 0:N/read_ahead_kb``); a user's daemon cannot (the sysfs file is root's, and FUSE can only
 lower the read-ahead from its side), so a user's mount reads ahead 128 KiB. This script, run
 as root, measures what that costs the user: the daemon and every ``dd`` run as ``--user``
-(default ``butlerfs-ci``) through ``runuser``, and root drops the page cache before every read
+(default ``butlerfs-ci``, created if missing as ``scripts/ci-as-user.sh`` does) through
+``runuser``, and root drops the page cache before every read
 (a user cannot) and, for the comparison arm, writes the 4 MiB read-ahead into the user's mount
 as a root daemon would. Arms, interleaved in each repetition, each a cold ``dd bs=1M`` of one
 large artifact, timed by ``dd`` itself:
@@ -144,10 +145,7 @@ def main() -> int:
     parser.add_argument("--no-docs", action="store_true", help="print the section instead of writing it")
     args = parser.parse_args()
     c.require_root_for_cold()
-    try:
-        home = Path(pwd.getpwnam(args.user).pw_dir)
-    except KeyError:
-        sys.exit(f"no user {args.user}: create it (bash scripts/ci-as-user.sh does) or give --user")
+    _, _, home = c.ordinary_user(args.user)
     size_mib = args.size_mib or (64 if args.quick else 512)
     s3_mib = args.s3_size_mib or (32 if args.quick else 256)
     reps = args.reps or (1 if args.quick else 5)
