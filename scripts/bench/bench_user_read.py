@@ -136,7 +136,7 @@ def main() -> int:
     parser.add_argument("--size-mib", type=int, default=None,
                         help="POSIX artifact size (default 512; 64 with --quick)")
     parser.add_argument("--s3-size-mib", type=int, default=None,
-                        help="S3 artifact size (default 256; 32 with --quick)")
+                        help="S3 artifact size (default 64; 32 with --quick)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 5; 1 with --quick)")
     parser.add_argument("--user", default="butlerfs-ci", help="the ordinary user (default butlerfs-ci)")
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, one repetition")
@@ -147,7 +147,7 @@ def main() -> int:
     c.require_root_for_cold()
     _, _, home = c.ordinary_user(args.user)
     size_mib = args.size_mib or (64 if args.quick else 512)
-    s3_mib = args.s3_size_mib or (32 if args.quick else 256)
+    s3_mib = args.s3_size_mib or (32 if args.quick else 64)
     reps = args.reps or (1 if args.quick else 5)
     c.wait_for_quiet(args.wait_idle)
     facts, load_at_start = c.machine_facts(c.BENCH_DIR), c.load_average()
@@ -259,7 +259,8 @@ what does the 128 KiB it keeps cost a cold sequential read of a large POSIX or S
 read-ahead into the user's mount). `dd if=FILE of=/dev/null bs=1M`, time as `dd` reports it;
 {reps} repetition(s), interleaved; median, best in parentheses. POSIX: one {size_mib} MiB
 artifact of random bytes; S3: one {s3_mib} MiB FITS artifact in a moto server (objects in
-memory), a fresh mount with an empty block cache for every read. Request counts: one more
+memory; moto copies the whole object for every ranged GET, which bounds the size under load), a
+fresh mount with an empty block cache for every read. Request counts: one more
 read per arm under `perf record -e fuse:fuse_request_send`.
 
 **Machine.**
