@@ -4,7 +4,7 @@ Run it as root: it runs every arm itself, then again as an ordinary user (``--us
 ``butlerfs-ci``, created if missing as ``scripts/ci-as-user.sh`` does) through ``runuser``, in
 a work directory that user owns. The repository is the one of ``bench_run.py`` (``make_demo_repo(visits=N/4,
 detectors=4, image_size=64)``, cached under ``$BUTLERFS_BENCH_DIR/run-<N>/``), and so is the
-program: ``sh -c 'head -c 2880 "$1" >/dev/null; sleep 0.2' _ FILE``.
+program, but without its sleep (``--sleep``): ``sh -c 'head -c 2880 "$1" >/dev/null' _ FILE``.
 
 Arms, interleaved in each repetition: ``butlerfs run -j 1 --overlay MODE --sandbox on|off``
 for MODE in ``kernel`` (as root a mount namespace of the program's own, as a user a user
@@ -70,6 +70,9 @@ def main() -> int:
     parser.add_argument("--data-ids", type=int, default=None, help="data IDs, a multiple of 4 (default 40)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3; 1 with --quick)")
     parser.add_argument("--user", default="butlerfs-ci", help="the ordinary user (default butlerfs-ci)")
+    parser.add_argument("--sleep", type=float, default=0.0,
+                        help="seconds the program sleeps after reading its input (default 0: the "
+                        "overlay's cost is not hidden behind the program's)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 12 data IDs, one repetition")
     parser.add_argument("--nice", type=int, default=-10,
                         help="niceness of the benchmark and every arm (default -10; 0 to leave it)")
@@ -81,6 +84,11 @@ def main() -> int:
         sys.exit("bench_overlay.py compares root with an ordinary user: run it as root")
     uid, gid, _ = c.ordinary_user(args.user)
     n = args.data_ids or (12 if args.quick else 40)
+    if args.sleep:
+        br.SCRIPT = f'head -c 2880 "$1" >/dev/null; sleep {args.sleep:g}'
+    else:
+        br.SCRIPT = 'head -c 2880 "$1" >/dev/null'
+    br.PROGRAM = ["sh", "-c", br.SCRIPT, "_"]
     if n % br.DETECTORS or n < br.DETECTORS:
         sys.exit(f"--data-ids must be a positive multiple of {br.DETECTORS}")
     reps = args.reps or (1 if args.quick else 3)
