@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import BIN, DEFAULTS, require_fuse, require_tool
+from conftest import BIN, DEFAULTS, require_fuse, require_root, require_tool
 
 from butlerfs.mounting import daemons_serving
 
@@ -39,8 +39,13 @@ def mounts_under(path: Path) -> list[str]:
     return [point for point in points if point.startswith(prefix)]
 
 
-def overlays_under(path: Path) -> list[str]:
-    return [point for point in mounts_under(path) if point.endswith("/merged")]
+def started(work: Path) -> int:
+    """How many slow programs got going (each writes a.txt first, into upper/, or merged/ for links).
+
+    Kernel overlays live in the programs' own mount namespaces: the mount table does not show them.
+    """
+    written = [*work.glob("instrument_*/*/*/upper/a.txt"), *work.glob("instrument_*/*/*/merged/a.txt")]
+    return len({path.parent.parent for path in written})
 
 
 def poll(condition, timeout: float, what: str, proc: subprocess.Popen[str] | None = None) -> None:
@@ -108,7 +113,7 @@ def test_kill_9_strands_nothing_and_the_plain_rerun_carries_on(demo, work, overl
     before = mounts_under(work.parent)
     proc = start_slow(demo, work, "--overlay", overlay)
     try:
-        poll(lambda: len(overlays_under(work)) >= 2, 120, "two overlays", proc)
+        poll(lambda: started(work) >= 2, 120, "two programs", proc)
         daemons = daemons_serving(str(work / ".mnt"))
         assert len(daemons) == 1, daemons
         strays = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
@@ -145,7 +150,7 @@ def _zombie(pid: int) -> bool:
 def test_second_run_in_the_same_work_directory_is_refused(demo, work):
     first = start_slow(demo, work)
     try:
-        poll(lambda: len(overlays_under(work)) >= 2, 120, "two overlays", first)
+        poll(lambda: started(work) >= 2, 120, "two programs", first)
         second = quick(demo, work)
         assert second.returncode != 0
         assert "Traceback" not in second.stderr, second.stderr
@@ -153,7 +158,8 @@ def test_second_run_in_the_same_work_directory_is_refused(demo, work):
         assert len(lines) == 1, second.stderr
         assert f"another butlerfs run (pid {first.pid}) is using work directory {work}" in lines[0]
         assert "give another --workdir" in lines[0]
-        assert len(overlays_under(work)) >= 2, "the refused run touched the first run's mounts"
+        assert str(work / ".mnt") in mounts_under(work), "the refused run touched the first run's mount"
+        assert len(psutil.Process(first.pid).children(recursive=True)) >= 3, "...or its programs"
     finally:
         first.send_signal(signal.SIGINT)
         try:
@@ -167,8 +173,10 @@ def test_second_run_in_the_same_work_directory_is_refused(demo, work):
 
 @contextlib.contextmanager
 def tiny_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (this test runs only as root)")
+    require_root(
+        "mounting a small tmpfs to fill, where the test sees it too (a user's tmpfs exists only in "
+        "a user namespace of its own)"
+    )
     path.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
     try:

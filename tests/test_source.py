@@ -6,9 +6,11 @@ import concurrent.futures
 import errno
 import json
 import os
+import subprocess
+import time
 
 import pytest
-from conftest import DEFAULTS
+from conftest import DEFAULTS, require_tool
 
 from butlerfs.errors import FsError
 from butlerfs.registry import RepoIndex
@@ -187,3 +189,48 @@ def test_concurrent_listing_and_reading_is_consistent(demo):
         assert all(r == expected for r in results)
     finally:
         src.close()
+
+
+def _resident(path) -> int:
+    """Bytes of ``path`` in the page cache (``fincore``)."""
+    out = subprocess.run(["fincore", "-b", "-n", "-o", "RES", str(path)], capture_output=True, text=True)
+    return int(out.stdout.strip())
+
+
+@pytest.mark.parametrize("read_ahead", [True, False], ids=["daemon-read-ahead", "off"])
+def test_sequential_local_reads_are_read_ahead_by_the_daemon(tmp_path, monkeypatch, read_ahead):
+    """A streaming reader gets the next 4 MiB asked of the disk; a header read gets nothing extra."""
+    from butlerfs import artifacts
+
+    require_tool("fincore")
+    if not read_ahead:
+        monkeypatch.setattr(artifacts, "_READ_AHEAD", 0)
+    path = tmp_path / "artifact.bin"
+    data = os.urandom(16 << 20)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: evicted, as a user may
+    os.close(fd)
+    assert _resident(path) == 0
+    reader = artifacts._FileRange(str(path))
+    os.posix_fadvise(reader._fd, 0, 0, os.POSIX_FADV_RANDOM)  # no kernel read-ahead: only the daemon's
+    try:
+        buffer = bytearray(128 << 10)
+        assert reader.read_into(memoryview(buffer)[:2880], 0) == 2880
+        assert _resident(path) < 128 << 10, "a header read must not read ahead"
+        # Requests served out of order by the daemon's threads still count as sequential.
+        for offset in (0, 256 << 10, 128 << 10, 384 << 10, 512 << 10, 640 << 10, 768 << 10, 896 << 10):
+            assert reader.read_into(memoryview(buffer), offset) == len(buffer)
+            assert bytes(buffer) == data[offset : offset + len(buffer)]
+        expected = (512 << 10) + (4 << 20) if read_ahead else 1 << 20  # advised once 512 KiB were read
+        deadline = time.monotonic() + 10
+        while _resident(path) < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (_resident(path) >= expected) if read_ahead else (_resident(path) == expected)
+        # A jump elsewhere is not sequential: it reads what it asks for, nothing more is advised.
+        before = _resident(path)
+        assert reader.read_into(memoryview(buffer), 12 << 20) == len(buffer)
+        assert _resident(path) == before + len(buffer)
+    finally:
+        reader.close()

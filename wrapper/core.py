@@ -5,7 +5,8 @@ inputs were found. Give it the inputs (`InputFile`), the command template, the d
 outputs and a function that stores the matched files; it returns the `Manifest`, written
 into the workspace.
 
-Steps: stage the inputs and mount the overlay; render the command; run it (in the sandbox if
+Steps: stage the inputs and mount the overlay (a kernel overlay is mounted by the program's
+reaper, in the program's own mount namespace); render the command; run it (in the sandbox if
 asked) with its console going to ``stdout.txt``/``stderr.txt``; unmount; list what it created
 or changed; match the declared outputs (exactly one file each); claim them (regular files of
 the workspace only, moved out of the program's reach); store them all at once. A non-zero
@@ -254,6 +255,7 @@ def run_job(
                     timeout=options.timeout,
                     cancel=cancel,
                     kill_grace=options.kill_grace,
+                    overlay=staging.kernel_options,
                 )
     except OSError as err:
         if err.errno in _NO_SPACE:

@@ -8,6 +8,11 @@ Stopping means ``SIGTERM`` to the reaper, which passes it to every descendant an
 running the same way and records it (`ExecResult.killed`); when the runner dies, even by
 ``kill -9``, the parent-death signal makes the reaper kill the whole tree.
 
+With ``overlay`` the reaper first mounts a kernel overlay on the working directory in a mount
+namespace of its own (a user namespace too when not root): only the program sees it, and it
+vanishes with the program's last process, so there is nothing to unmount and nothing a crash
+could strand.
+
 Peak memory is the largest sum of the resident set sizes of the process and its descendants,
 sampled with `psutil` every 10 ms for the first 0.2 s, then every ``poll_interval``; at least
 the largest peak (``VmHWM``) any one of them reached, which catches spikes between samples.
@@ -35,12 +40,19 @@ from pathlib import Path
 
 import psutil
 
-__all__ = ["ExecResult", "execute", "read_tail"]
+__all__ = ["ExecResult", "OverlayError", "execute", "read_tail"]
 
 _LOG = logging.getLogger(__name__)
 
 REAPER = str(Path(__file__).with_name("reaper.py"))
 """The child subreaper every program runs under (standard library only)."""
+
+_NOT_MOUNTED = 125
+"""The reaper's exit status when it could not mount the overlay."""
+
+
+class OverlayError(OSError):
+    """An overlay that could not be mounted or unmounted."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +186,7 @@ def execute(
     cancel: threading.Event | None = None,
     kill_grace: float = 5.0,
     poll_interval: float = 0.1,
+    overlay: str | None = None,
 ) -> ExecResult:
     """Run ``argv`` to completion, timeout or cancellation.
 
@@ -195,6 +208,10 @@ def execute(
         Seconds between ``SIGTERM`` and ``SIGKILL``.
     poll_interval : `float`, optional
         Seconds between samples of the tree's memory.
+    overlay : `str`, optional
+        Options of a kernel overlay to mount on ``cwd`` first, in the program's own mount
+        namespace (``lowerdir=...,upperdir=...,workdir=...``; relative paths are relative to
+        the parent of ``cwd``).
 
     Returns
     -------
@@ -205,16 +222,24 @@ def execute(
     ------
     OSError
         Raised if the program cannot be started (not found, not executable).
+    OverlayError
+        Raised if the overlay could not be mounted (nothing ran).
     """
     argv = list(argv)
     _check_executable(argv[0])
     fd, record = tempfile.mkstemp(prefix="butlerfs-reaped-", suffix=".json")
     os.close(fd)
+    mount = []
+    if overlay is not None:
+        cwd = Path(cwd).absolute()
+        mount = ["--overlay", cwd.name, overlay]
+        cwd = cwd.parent
     start = time.monotonic()
     try:
         with open(stdout, "wb") as out, open(stderr, "wb") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", REAPER, str(kill_grace), record, str(os.getpid()), "--", *argv],
+                [sys.executable, "-I", "-S", REAPER, str(kill_grace), record, str(os.getpid()), *mount, "--"]
+                + argv,
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -223,7 +248,9 @@ def execute(
                 start_new_session=True,
             )
         result = _supervise(proc, argv, start, timeout, cancel, kill_grace, poll_interval)
-        killed, maxrss, inherited = _read_record(record, argv[0])
+        killed, maxrss, inherited, problem = _read_record(record, argv[0])
+        if problem and result.exit_code == _NOT_MOUNTED:
+            raise OverlayError(f"kernel overlay: {problem}")
         # wait4's peak counts what the fork inherited from the reaper (its size then, plus what it
         # touched until the exec): only a clearly larger one is the program's own, and it
         # catches programs too short for the samples.
@@ -249,14 +276,15 @@ def _check_executable(program: str) -> None:
         raise PermissionError(f"program is not executable: {program}")
 
 
-def _read_record(record: str, program: str) -> tuple[list[dict[str, object]], int, int]:
-    """Return what the reaper stopped, the program's ``wait4`` peak and the reaper's own size."""
+def _read_record(record: str, program: str) -> tuple[list[dict[str, object]], int, int, str]:
+    """Return what the reaper stopped, its ``wait4`` peak, its own size, and why it did not mount."""
     try:
         with open(record) as stream:
             data = json.load(stream)
         killed, maxrss, inherited = list(data["killed"]), int(data["maxrss"]), int(data["inherited"])
+        problem = str(data.get("error", ""))
     except (OSError, ValueError, KeyError, TypeError):
-        return [], 0, 0
+        return [], 0, 0, ""
     if killed:
         _LOG.warning(
             "%s left %d process(es) running when it exited; stopped: %s",
@@ -264,7 +292,7 @@ def _read_record(record: str, program: str) -> tuple[list[dict[str, object]], in
             len(killed),
             ", ".join(f"{k['pid']} ({k['command']})" for k in killed[:5]),
         )
-    return killed, maxrss, inherited
+    return killed, maxrss, inherited, problem
 
 
 def _supervise(

@@ -412,7 +412,10 @@ def plan_run(options: RunOptions) -> Plan:
         except OSError as err:
             raise UsageError(_workdir_error(workdir, err)) from None
         if wanted is not OverlayMode.AUTO and overlay is not wanted:
-            raise UsageError(f"--overlay {wanted} does not work in {workdir}: {problems}")
+            raise UsageError(
+                f"--overlay {wanted} does not work in {workdir}: {problems} "
+                "(--overlay auto takes one that does)"
+            )
         if problems:
             _LOG.info("Overlay mode %s (%s)", overlay, problems)
         done: set[DataIdKey] = set()

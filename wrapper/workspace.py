@@ -12,38 +12,47 @@ A workspace directory holds::
 
 Each lower layer holds one file with a unique name (butlerfs names are unique per dataset
 type), so stacking them gives one directory with every input. Overlay modes, in the order
-``auto`` tries them: kernel overlayfs (``mount -t overlay``; it accepts a FUSE mount as a lower
-layer), ``fuse-overlayfs``, and a staged directory of links (no overlay: ``merged/`` holds
-symbolic links to the inputs, and copies; changes are found by comparing ``lstat``
-signatures; writing into an input through its link to the mount fails with ``EROFS``, while
-replacing it with a new file works).
+``auto`` tries them:
 
-Kernel overlays are mounted and unmounted with the ``mount(2)``/``umount2(2)`` system calls,
-naming the layers by absolute path (a ``mount`` or ``umount`` process costs some 5 ms each, per
-data ID). When a path holds a character overlayfs options would need escaped (comma, colon,
-backslash, white space), the options would be too long, or the call fails, the ``mount``
-command is run in the workspace instead, with the layers relative to it
-(``lowerdir=lower/0:lower/1``), so no path needs escaping whatever characters it holds.
+- ``kernel``: kernel overlayfs (it accepts a FUSE mount as a lower layer), mounted by the
+  program's reaper in a mount namespace of the program's own (`wrapper.execute.execute`,
+  ``overlay=``): as root a plain mount namespace, as a user a user namespace mapping the user
+  to itself, with ``-o userxattr``. Only the program sees ``merged/`` as the overlay; the
+  kernel unmounts it when the program's last process exits, so nothing is left to unmount,
+  whatever dies. The options name the layers relative to the workspace
+  (``lowerdir=lower/0:lower/1,upperdir=upper,workdir=work``), so no path needs escaping
+  whatever characters it holds.
+- ``fuse``: ``fuse-overlayfs``, mounted on ``merged/`` here, unmounted after the program.
+- ``links``: no overlay: ``merged/`` holds symbolic links to the inputs, and copies; changes
+  are found by comparing ``lstat`` signatures; writing into an input through its link to the
+  mount fails with ``EROFS``, while replacing it with a new file works.
+
+What the program created or changed is ``upper/`` (``merged/`` for links), read from outside:
+whiteouts of deleted inputs (a ``0/0`` character device, a zero-size file with an
+``overlay.whiteout`` attribute, or fuse-overlayfs's ``.wh.`` names) are not listed, and opaque
+directories (``overlay.opaque``, made when a directory replaces a deleted input) are walked like
+any other.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import enum
-import functools
 import logging
 import os
 import re
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from butlerfs.layout import DataIdValue, dimension_dir
+
+from .execute import OverlayError, execute, read_tail
 
 __all__ = [
     "InputFile",
@@ -86,10 +95,6 @@ class OverlayMode(enum.StrEnum):
 
 
 _ORDER = (OverlayMode.KERNEL, OverlayMode.FUSE, OverlayMode.LINKS)
-
-
-class OverlayError(OSError):
-    """An overlay that could not be mounted or unmounted."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +151,9 @@ class Staging:
     inputs: list[StagedInput]
     placed: dict[str, tuple[int, int, int, int]] = dataclasses.field(default_factory=dict)
     """``links`` mode: ``lstat`` signature of each entry staged into ``merged/``."""
+    kernel_options: str | None = None
+    """``kernel`` mode: the overlay's options, for `~wrapper.execute.execute` to mount it in the
+    program's own namespace (layers relative to the workspace)."""
 
     @property
     def values(self) -> dict[str, str]:
@@ -252,50 +260,25 @@ def _translate(pattern: str) -> str:
     return "".join(out)
 
 
-def _is_whiteout(path: Path, st: os.stat_result) -> bool:
-    return (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0) or path.name.startswith(".wh.")
+_WHITEOUT_XATTRS = ("user.overlay.whiteout", "trusted.overlay.whiteout")
+
+
+def _is_whiteout(path: Path, st: os.stat_result, mode: OverlayMode) -> bool:
+    """Whether an entry of an upper layer is a whiteout (an input deleted), not a file."""
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+        return True  # overlayfs's own, as root and (userxattr) in a user namespace alike
+    if mode is OverlayMode.FUSE and path.name.startswith(".wh."):
+        return True  # fuse-overlayfs without the right to make devices
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:  # an "xwhiteout" (Linux >= 6.7)
+        for name in _WHITEOUT_XATTRS:
+            with contextlib.suppress(OSError):
+                os.getxattr(path, name, follow_symlinks=False)
+                return True
+    return False
 
 
 def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
-
-
-_UNSAFE_IN_OPTIONS = re.compile(r"[,:\\\s]")
-"""Characters a path in overlayfs mount options would need escaped."""
-
-_MNT_DETACH = 2
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        text = ctypes.c_char_p
-        libc.mount.argtypes = [text, text, text, ctypes.c_ulong, text]
-        libc.umount2.argtypes = [text, ctypes.c_int]
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-def _mount_syscall(target: Path, options: str) -> int:
-    """``mount("overlay", target, "overlay", 0, options)``; return 0 or the ``errno``."""
-    libc = _libc()
-    if libc is None or len(options.encode()) >= os.sysconf("SC_PAGE_SIZE"):
-        return -1
-    if libc.mount(b"overlay", os.fsencode(target), b"overlay", 0, options.encode()) == 0:
-        return 0
-    return ctypes.get_errno() or -1
-
-
-def _umount_syscall(target: Path, flags: int = 0) -> int:
-    """``umount2(target, flags)``; return 0 or the ``errno``."""
-    libc = _libc()
-    if libc is None:
-        return -1
-    if libc.umount2(os.fsencode(target), flags) == 0:
-        return 0
-    return ctypes.get_errno() or -1
 
 
 def _run(argv: Sequence[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -359,14 +342,17 @@ class Workspace:
         inputs : `~collections.abc.Sequence` [`InputFile`]
             The inputs of this execution.
         overlay : `OverlayMode` or `str`, optional
-            The mode to use; ``auto`` (or a mode that fails) tries the next one in the order
-            kernel, fuse, links.
+            The mode to use; ``auto`` takes the first that works in the order kernel, fuse,
+            links (kernel as `probe_overlay` found it for this filesystem, once per process);
+            ``fuse`` falls back to links if fuse-overlayfs fails. ``kernel`` is taken as given:
+            the program's reaper mounts it, and says why if it cannot.
 
         Yields
         ------
         staging : `Staging`
-            Placeholder values and the mode used. The overlay is unmounted when the block
-            exits, also on an exception.
+            Placeholder values and the mode used. A ``fuse`` overlay is unmounted when the
+            block exits, also on an exception; a ``kernel`` one is not mounted here at all
+            (``staging.kernel_options``).
 
         Raises
         ------
@@ -380,19 +366,22 @@ class Workspace:
         staged, layers, copies = self._stage_inputs(inputs)
         mode = self._mount(layers, OverlayMode(overlay))
         staging = Staging(mode, staged)
-        if mode is OverlayMode.LINKS:
+        if mode is OverlayMode.KERNEL:
+            staging.kernel_options = self._options(layers)
+        elif mode is OverlayMode.LINKS:
             self._place_links(staging, layers, copies)
         try:
             yield staging
         finally:
-            if mode is not OverlayMode.LINKS:
+            if mode is OverlayMode.FUSE:
                 self._unmount(mode)
 
     def changed_files(self, staging: Staging) -> list[str]:
         """Return what the program created or changed, relative to its working directory.
 
-        Call after the block of `staged` exited (overlay unmounted). Whiteouts (deleted
-        input files) and directories are not listed.
+        Call after the program exited and the block of `staged` did (overlay unmounted).
+        Whiteouts (deleted input files) and directories, opaque ones included, are not
+        listed; the files in them are.
 
         Parameters
         ----------
@@ -412,7 +401,7 @@ class Workspace:
                 path = Path(dirpath, name)
                 rel = path.relative_to(top).as_posix()
                 st = path.lstat()
-                if _is_whiteout(path, st):
+                if _is_whiteout(path, st, staging.overlay):
                     continue
                 if staging.placed.get(rel) == _signature(st):
                     continue
@@ -476,69 +465,47 @@ class Workspace:
 
     # -- overlay -------------------------------------------------------------------------------
 
+    def _options(self, layers: Sequence[Path]) -> str:
+        """The overlay's mount options, every path relative to the workspace."""
+        if not layers:
+            empty = self.lower / "empty"
+            empty.mkdir(exist_ok=True)
+            layers = [empty]
+        lowerdir = ":".join(os.path.relpath(layer, self.root) for layer in layers)
+        return f"lowerdir={lowerdir},upperdir=upper,workdir=work"
+
     def _mount(
         self, layers: Sequence[Path], wanted: OverlayMode, problems: list[str] | None = None
     ) -> OverlayMode:
-        if not layers:
-            empty = self.lower / "empty"
-            empty.mkdir()
-            layers = [empty]
-        lowerdir = ":".join(os.path.relpath(layer, self.root) for layer in layers)
-        options = f"lowerdir={lowerdir},upperdir=upper,workdir=work"
-        candidates = _ORDER if wanted is OverlayMode.AUTO else _ORDER[_ORDER.index(wanted) :]
+        """Decide the mode, mounting fuse-overlayfs here if it is the one; return the mode."""
         problems = [] if problems is None else problems
+        candidates = _ORDER if wanted is OverlayMode.AUTO else _ORDER[_ORDER.index(wanted) :]
         for mode in candidates:
-            if mode is OverlayMode.LINKS:
+            if mode is OverlayMode.KERNEL:
+                problem = None if wanted is OverlayMode.KERNEL else _kernel_problem_cached(self.root.parent)
+                if problem is None:
+                    return mode
+                problems.append(f"kernel: {problem}")
+            elif mode is OverlayMode.LINKS:
                 if problems:
                     _LOG.debug("Overlay fell back to links: %s", "; ".join(problems))
                 return mode
-            if mode is OverlayMode.KERNEL and self._mount_kernel(layers):
-                if problems:
-                    _LOG.debug("Overlay fell back to %s: %s", mode, "; ".join(problems))
-                return mode
-            argv = (
-                ["mount", "-t", "overlay", "overlay", "-o", options, "merged"]
-                if mode is OverlayMode.KERNEL
-                else ["fuse-overlayfs", "-o", options, "merged"]
-            )
-            if shutil.which(argv[0]) is None:
-                problems.append(f"{argv[0]} not found")
-                continue
-            result = _run(argv, self.root)
-            if result.returncode == 0 and os.path.ismount(self.merged):
-                if problems:
-                    _LOG.debug("Overlay fell back to %s: %s", mode, "; ".join(problems))
-                return mode
-            problems.append(f"{mode}: {_last_line(result.stderr)}")
-            shutil.rmtree(self.work, ignore_errors=True)
-            self.work.mkdir(exist_ok=True)
+            elif shutil.which("fuse-overlayfs") is None:
+                problems.append("fuse: fuse-overlayfs not found (Debian: apt-get install fuse-overlayfs)")
+            else:
+                result = _run(["fuse-overlayfs", "-o", self._options(layers), "merged"], self.root)
+                if result.returncode == 0 and os.path.ismount(self.merged):
+                    if problems:
+                        _LOG.debug("Overlay fell back to %s: %s", mode, "; ".join(problems))
+                    return mode
+                problems.append(f"fuse: {_last_line(result.stderr)}")
+                shutil.rmtree(self.work, onexc=_force_remove)
+                self.work.mkdir(exist_ok=True)
         raise OverlayError(f"no overlay could be mounted: {'; '.join(problems)}")
-
-    def _mount_kernel(self, layers: Sequence[Path]) -> bool:
-        """Mount a kernel overlay with the system call, layers by absolute path; whether it worked.
-
-        `False` (nothing mounted) when a path would need escaping in the options, they are too
-        long, or the call fails: the caller then runs ``mount``, whose message says why.
-        """
-        paths = [*layers, self.upper, self.work]
-        if any(_UNSAFE_IN_OPTIONS.search(str(path)) for path in paths):
-            return False
-        lowerdir = ":".join(str(layer) for layer in layers)
-        options = f"lowerdir={lowerdir},upperdir={self.upper},workdir={self.work}"
-        if _mount_syscall(self.merged, options) != 0:
-            shutil.rmtree(self.work, ignore_errors=True)
-            self.work.mkdir(exist_ok=True)
-            return False
-        if os.path.ismount(self.merged):
-            return True
-        _umount_syscall(self.merged, _MNT_DETACH)
-        return False
 
     def _unmount(self, mode: OverlayMode | None) -> None:
         """Unmount ``merged/``, waiting a little if busy, lazily as a last resort."""
         fuse = mode is OverlayMode.FUSE or (mode is None and _fs_type(self.merged).startswith("fuse"))
-        if mode is OverlayMode.KERNEL and _umount_syscall(self.merged) == 0:
-            return
         argv = ["fusermount3", "-u", "merged"] if fuse else ["umount", "merged"]
         for attempt in range(20):
             result = _run(argv, self.root)
@@ -600,6 +567,56 @@ def _force_remove(func: object, path: str, exc: BaseException) -> None:
             os.unlink(path)
 
 
+_PROBE = """
+import os
+assert open("probe").read() == "ok\\n", "the lower layer is not visible"
+with open("written", "w") as out:
+    out.write("ok\\n")
+os.remove("probe")
+"""
+"""The program run in a probe overlay: it must see the lower layer, write, and delete."""
+
+_kernel_problems: dict[int, str | None] = {}
+
+
+def _kernel_problem(directory: Path) -> str | None:
+    """Mount a kernel overlay as a program's would be, in ``directory``; return why it failed."""
+    probe = Workspace(directory / ".overlay-probe")
+    try:
+        probe.reset()
+        (probe.lower / "0").mkdir()
+        (probe.lower / "0" / "probe").write_text("ok\n")
+        staging = Staging(OverlayMode.KERNEL, [], kernel_options=probe._options([probe.lower / "0"]))
+        try:
+            result = execute(
+                [sys.executable, "-I", "-S", "-c", _PROBE],
+                cwd=probe.merged,
+                stdout=probe.stdout,
+                stderr=probe.stderr,
+                timeout=60,
+                kill_grace=1,
+                overlay=staging.kernel_options,
+            )
+        except OverlayError as err:
+            return str(err).removeprefix("kernel overlay: ")
+        if not result.ok:
+            tail = read_tail(probe.stderr).strip().splitlines()
+            return f"a program in the overlay failed: {tail[-1] if tail else result.exit_code}"
+        if probe.changed_files(staging) != ["written"] or not (probe.lower / "0" / "probe").exists():
+            return f"the overlay did not keep changes in upper/: {probe.changed_files(staging)}"
+        return None
+    finally:
+        shutil.rmtree(probe.root, onexc=_force_remove)
+
+
+def _kernel_problem_cached(directory: Path) -> str | None:
+    """`_kernel_problem` once per filesystem and process."""
+    key = os.stat(directory).st_dev
+    if key not in _kernel_problems:
+        _kernel_problems[key] = _kernel_problem(directory)
+    return _kernel_problems[key]
+
+
 def probe_overlay(
     directory: str | os.PathLike[str], wanted: OverlayMode | str = OverlayMode.AUTO
 ) -> tuple[OverlayMode, str]:
@@ -615,18 +632,27 @@ def probe_overlay(
     Returns
     -------
     mode : `OverlayMode`
-        The mode that mounted a test overlay (``links`` always works).
+        The mode that ran a test program in a test overlay (``links`` always works).
     problems : `str`
-        Why the modes tried before it failed (empty if none failed).
+        Why the modes tried before it failed, each with its real cause (empty if none failed).
     """
-    probe = Workspace(Path(directory) / ".overlay-probe")
+    directory = Path(directory)
+    wanted = OverlayMode(wanted)
+    problems: list[str] = []
+    if wanted in (OverlayMode.AUTO, OverlayMode.KERNEL):
+        problem = _kernel_problem(directory)
+        _kernel_problems[os.stat(directory).st_dev] = problem
+        if problem is None:
+            return OverlayMode.KERNEL, ""
+        problems.append(f"kernel: {problem}")
+        wanted = OverlayMode.FUSE
+    probe = Workspace(directory / ".overlay-probe")
     try:
         probe.reset()
         (probe.lower / "0").mkdir()
         (probe.lower / "0" / "probe").write_text("ok\n")
-        problems: list[str] = []
-        mode = probe._mount([probe.lower / "0"], OverlayMode(wanted), problems)
-        if mode is not OverlayMode.LINKS:
+        mode = probe._mount([probe.lower / "0"], wanted, problems)
+        if mode is OverlayMode.FUSE:
             probe._unmount(mode)
         return mode, "; ".join(problems)
     finally:

@@ -369,3 +369,26 @@ def tree_revision(*paths: str) -> str:
         digest = hashlib.sha1(diff).hexdigest()[:10]
         rev += f" + uncommitted changes to {', '.join(paths)}, diff sha1 {digest}"
     return rev
+
+
+# -- an ordinary user (bench_overlay.py, bench_user_read.py) ------------------------------------
+
+
+def ordinary_user(name: str) -> tuple[int, int, Path]:
+    """Return the UID, GID and home of ``name``, set up as ``scripts/ci-as-user.sh`` does (as root).
+
+    The user is created when missing (``useradd --create-home``), and ``/dev/fuse`` is made
+    usable by users (0666, as Debian's udev rule makes it; containers often leave it 0600).
+    """
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        print(f"Creating the user {name} (as scripts/ci-as-user.sh does)", flush=True)
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True)
+        entry = pwd.getpwnam(name)
+    if os.path.exists("/dev/fuse") and os.stat("/dev/fuse").st_mode & 0o777 != 0o666:
+        print("Making /dev/fuse usable by users (0666, as Debian's udev rule does)", flush=True)
+        os.chmod("/dev/fuse", 0o666)
+    return entry.pw_uid, entry.pw_gid, Path(entry.pw_dir)
