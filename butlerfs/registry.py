@@ -15,8 +15,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import fnmatch
+import hashlib
+import json
 import logging
+import os
 import threading
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,8 +32,18 @@ from lsst.resources import ResourcePath
 
 from .errors import UsageError
 from .layout import DataIdValue
+from .listing import DatasetRows
 
-__all__ = ["Artifact", "DatasetEntry", "DatasetTypeInfo", "RepoIndex", "check_collections", "open_butler"]
+__all__ = [
+    "Artifact",
+    "DatasetEntry",
+    "DatasetTypeInfo",
+    "Group",
+    "RepoIndex",
+    "check_collections",
+    "open_butler",
+    "state_since",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -111,6 +125,16 @@ class DatasetTypeInfo:
     is_calibration: bool
 
 
+Group = tuple[str, Sequence[DataIdValue]] | None
+"""Sibling values of one dimension (``(dimension, sorted values)``) a query is narrowed to."""
+
+INGEST_MARGIN = 600.0
+"""Seconds before a state check that an ingest may still be committing with an earlier date.
+
+A Butler stamps ``ingest_date`` with the inserting client's clock when the insert
+starts; the check counts datasets ingested since ``INGEST_MARGIN`` before its own time,
+so a slow insert or a client clock that lags by less than this is still seen."""
+
 _UNIX_EPOCH_JD = 2440587.5
 _TAI_MINUS_UTC = 37.0  # seconds, constant since 2017-01-01, before any Gen3 repository existed
 
@@ -179,8 +203,8 @@ class RepoIndex:
         """Return the root URI of each file datastore."""
         return [str(store.root) for store in _file_datastores(self._butler)]
 
-    def count(self, dataset_type: str, fixed: Mapping[str, DataIdValue]) -> int:
-        """Return about how many datasets lie under a partial data ID.
+    def count(self, dataset_type: str, fixed: Mapping[str, DataIdValue], group: Group = None) -> int:
+        """Return about how many datasets lie under a partial data ID (and ``group``).
 
         An upper bound is good enough: it only decides whether a directory's
         whole subtree is fetched at once.
@@ -188,7 +212,8 @@ class RepoIndex:
         with self._lock, self._butler.query() as query:
             query = query.join_dataset_search(dataset_type, self.collections)
             info = self._types[dataset_type]
-            return query.data_ids(info.dimensions).where(fixed, self.where).count(exact=False)
+            results = _narrow(query.data_ids(info.dimensions).where(fixed, self.where), group)
+            return results.count(exact=False)
 
     def distinct(
         self, dataset_type: str, fixed: Mapping[str, DataIdValue], dimension: str
@@ -234,6 +259,137 @@ class RepoIndex:
             )
         return entries
 
+    def rows(
+        self,
+        dataset_type: str,
+        fixed: Mapping[str, DataIdValue],
+        group: Group = None,
+        *,
+        ingest_dates: bool = False,
+        max_rows: int | None = None,
+    ) -> DatasetRows | None:
+        """Return the datasets under a partial data ID (and ``group``) as columns.
+
+        Like `datasets`, without an object per dataset. ``ingest_dates`` also fetches each
+        dataset's ingest date, which the Butler converts to an astropy ``Time`` per row
+        (about as costly as the rest of the query together). With ``max_rows``, `None`
+        is returned as soon as more rows than that are found (no records are fetched).
+        """
+        info = self._types[dataset_type]
+        find_first = not (info.is_calibration and self._calibration_collections)
+        fields: Any = {"dataset_id", "run", *(["ingest_date"] if ingest_dates else [])}
+        id_key, run_key, date_key = (f"{dataset_type}.{f}" for f in ("dataset_id", "run", "ingest_date"))
+        dims = info.dimensions
+        values: list[list[DataIdValue]] = [[] for _ in dims]
+        ids: list[uuid.UUID] = []
+        runs: list[str] = []
+        dates: list[float] | None = [] if ingest_dates else None
+        seen: set[uuid.UUID] = set()
+        with self._lock, self._butler.query() as query:
+            query = query.join_dataset_search(dataset_type, self.collections)
+            results = query.general(dims, dataset_fields={dataset_type: fields}, find_first=find_first)
+            results = _narrow(results.where(fixed, self.where), group)
+            if max_rows is not None:
+                results = results.limit(max_rows + 1)
+            for row in results:
+                dataset_id = row[id_key]
+                if dataset_id in seen:  # a dataset certified for several validity ranges
+                    continue
+                seen.add(dataset_id)
+                ids.append(dataset_id)
+                runs.append(row[run_key])
+                for column, dim in zip(values, dims, strict=True):
+                    column.append(row[dim])
+                if dates is not None:
+                    dates.append(_as_timestamp(row[date_key]))
+            if max_rows is not None and len(ids) > max_rows:
+                return None
+            found = self._artifacts(ids)
+        stores = {id(store.locationFactory): k for k, store in enumerate(_file_datastores(self._butler))}
+        artifacts = [
+            [(-1 if a._factory is None else stores.get(id(a._factory), -1), a) for a in found.get(i, ())]
+            for i in ids
+        ]
+        return DatasetRows(dims, values, ids, runs, dates, artifacts)
+
+    def artifact(
+        self, store: int, path: str, size: int, component: str | None, checksum: str | None
+    ) -> Artifact:
+        """Return an `Artifact` recorded as ``path`` by file datastore number ``store``."""
+        if store < 0:
+            return Artifact(path, size, component, checksum, "", uri=path)
+        factory = _file_datastores(self._butler)[store].locationFactory
+        return Artifact(path, size, component, checksum, "", factory=factory)
+
+    def artifact_uri(self, store: int, path: str) -> str:
+        """Return the URI of an artifact recorded as ``path`` by file datastore number ``store``."""
+        if store < 0:
+            return path
+        return _resolve(_file_datastores(self._butler)[store].locationFactory, path)
+
+    def signature(self) -> dict[str, Any]:
+        """Return what identifies this mount's query: repository, search path, types, ``where``.
+
+        Two mounts with the same signature show the same datasets whenever the state
+        of the collections (`state`) is the same too.
+        """
+        return {
+            "repo": os.path.realpath(self.repo) if os.path.exists(self.repo) else self.repo,
+            "datastores": self.datastore_roots(),
+            "collections": list(self.collections),
+            "where": self.where,
+            "dataset_types": {
+                name: [list(t.dimensions), t.storage_class, t.is_calibration]
+                for name, t in self._types.items()
+            },
+        }
+
+    def state(self, dataset_type: str, since: float | None = None) -> str:
+        """Return a token that changes whenever the datasets of a type in the collections change.
+
+        One collection query and one or two counts per collection, no listing; see
+        docs/SEMANTICS.md for what it detects. Compare tokens made with the same
+        ``since`` (the older token's, `state_since`):
+
+        * the search path, CHAINED collections flattened (a redefined chain);
+        * per RUN collection: how many datasets of the type it holds, and how many were
+          ingested after ``since`` (default: `INGEST_MARGIN` seconds ago), so that an
+          addition is seen even when a removal keeps the count;
+        * per TAGGED or CALIBRATION collection: a digest of the dataset IDs associated
+          with it (associating and certifying never change ingest dates).
+        """
+        import astropy.time
+
+        if since is None:
+            since = round(time.time() - INGEST_MARGIN, 3)
+        since_tai = astropy.time.Time(since, format="unix").tai
+        collections: list[list[Any]] = []
+        with self._lock:
+            infos = self._butler.collections.query_info(
+                self.collections, flatten_chains=True, include_summary=True
+            )
+            for info in infos:
+                entry: list[Any] = [info.name, info.type.name]
+                collections.append(entry)
+                if info.dataset_types is not None and dataset_type not in info.dataset_types:
+                    continue
+                with self._butler.query() as query:
+                    if info.type == CollectionType.RUN:
+                        datasets = query.datasets(dataset_type, info.name, find_first=False)
+                        newer = datasets.where(
+                            f"{dataset_type}.ingest_date > butlerfs_since", bind={"butlerfs_since": since_tai}
+                        )
+                        entry += [datasets.count(exact=True), newer.count(exact=True)]
+                    elif info.type in (CollectionType.TAGGED, CollectionType.CALIBRATION):
+                        found = query.join_dataset_search(dataset_type, [info.name]).general(
+                            [], dataset_fields={dataset_type: {"dataset_id"}}, find_first=False
+                        )
+                        digest = hashlib.sha1()
+                        for dataset_id in sorted({row[f"{dataset_type}.dataset_id"] for row in found}):
+                            digest.update(dataset_id.bytes)
+                        entry.append(digest.hexdigest())
+        return json.dumps({"since": since, "collections": collections})
+
     def _artifacts(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[Artifact, ...]]:
         # The datastore's own export reads these rows too, but builds a
         # StoredFileInfo and a ResourcePath per row, which a listing does not need.
@@ -273,6 +429,29 @@ class RepoIndex:
     def close(self) -> None:
         """Release the Butler's database connections."""
         self._butler.close()
+
+
+def state_since(token: str) -> float | None:
+    """The ``since`` a `RepoIndex.state` token was made with (`None` if unreadable)."""
+    try:
+        return float(json.loads(token)["since"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _narrow(results: Any, group: Group) -> Any:
+    """Constrain query results to one dimension's values in ``group``."""
+    if not group:
+        return results
+    dim, values = group
+    if all(type(v) is int for v in values):
+        # Sibling values are contiguous in sorted order: a range is one clause, whatever
+        # their number. Values added since the siblings were listed fall in it too.
+        return results.where(
+            f"{dim} >= butlerfs_lo AND {dim} <= butlerfs_hi",
+            bind={"butlerfs_lo": min(values), "butlerfs_hi": max(values)},
+        )
+    return results.where(f"{dim} IN (butlerfs_values)", bind={"butlerfs_values": list(values)})
 
 
 def open_butler(repo: str, *, writeable: bool = False) -> Butler:

@@ -53,8 +53,12 @@ def visits_for(n: int) -> list[int]:
     return [100_000 + v for v in range((n + DETECTORS - 1) // DETECTORS)]
 
 
-def build_repo(root: Path, n: int) -> dict[str, float]:
-    """Create the repository at ``root / "repo"``; return the seconds each step took."""
+def build_repo(root: Path, n: int, registry: str | None = None) -> dict[str, float]:
+    """Create the repository at ``root / "repo"``; return the seconds each step took.
+
+    ``registry`` (a ``postgresql://`` URL) puts the registry in that database, in a schema
+    named after the repository (dropped first if it exists).
+    """
     from lsst.daf.butler import DataCoordinate, DatasetIdGenEnum, DatasetRef, DatasetType, FileDataset
 
     from butlerfs.formatter import FileArtifactFormatter
@@ -71,7 +75,11 @@ def build_repo(root: Path, n: int) -> dict[str, float]:
 
     c.remove_tree(root)
     repo = root / "repo"
-    butler = c.new_repo(repo)
+    namespace = None
+    if registry is not None:
+        namespace = f"tree_{n}"
+        drop_schema(registry, namespace)
+    butler = c.new_repo(repo, registry=registry, namespace=namespace)
     registry = butler.registry
     registry.insertDimensionData("physical_filter", dict(instrument=INSTRUMENT, name="r_bench", band="r"))
     registry.insertDimensionData("day_obs", dict(instrument=INSTRUMENT, id=20240101))
@@ -124,18 +132,36 @@ def build_repo(root: Path, n: int) -> dict[str, float]:
     return steps
 
 
-def ensure_repo(n: int, rebuild: bool) -> tuple[Path, dict[str, float] | None, str]:
-    """Return the cached repository for ``n`` datasets, building it if needed."""
-    root = c.BENCH_DIR / f"tree-{n}"
+def drop_schema(registry: str, namespace: str) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(registry)
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE'))
+    engine.dispose()
+
+
+def repo_root(n: int, registry: str | None) -> Path:
+    return c.BENCH_DIR / (f"tree-{n}" if registry is None else f"tree-{n}-pg")
+
+
+def ensure_repo(n: int, rebuild: bool, registry: str | None = None) -> tuple[Path, dict[str, float] | None, str]:
+    """Return the cached repository for ``n`` datasets, building it if needed.
+
+    With ``registry`` (a ``postgresql://`` URL) the registry lives in that server; the
+    repository is reused only if it was built against the same URL.
+    """
+    root = repo_root(n, registry)
     marker = root / "built.json"
     if marker.exists() and not rebuild:
         info = json.loads(marker.read_text())
-        print(f"Reusing {root} (built {info['built']}; --rebuild to rebuild)", flush=True)
-        return root / "repo", info["steps"], info["built"]
+        if info.get("registry") == registry:
+            print(f"Reusing {root} (built {info['built']}; --rebuild to rebuild)", flush=True)
+            return root / "repo", info["steps"], info["built"]
     print(f"Building a repository of {n} datasets under {root} ...", flush=True)
-    steps = build_repo(root, n)
+    steps = build_repo(root, n, registry)
     built = c.today()
-    marker.write_text(json.dumps({"n": n, "steps": steps, "built": built}))
+    marker.write_text(json.dumps({"n": n, "steps": steps, "built": built, "registry": registry}))
     return root / "repo", steps, built
 
 
