@@ -70,7 +70,14 @@ def extension_of_path(path: str) -> str:
     """Return an artifact path's extension (``.fits``, ``.fits.fz``); see `butlerfs.artifacts`."""
     from .artifacts import extension_of
 
-    return extension_of(path)
+    if "#" in path or "%" in path or ":" in path:
+        return extension_of(path)  # a URI, a zip member or an escaped name: parse it fully
+    # A plain relative path (nearly all of them): the same rule without URL parsing.
+    name = path.rsplit("/", 1)[-1]
+    stem, dot, last = name.rpartition(".")
+    if not dot or not stem or last.lower() in ("gz", "fz", "bz2", "xz", "zst"):
+        return extension_of(path)
+    return "." + last
 
 
 def _vocabulary(values: Sequence[Any]) -> tuple[list[Any], np.ndarray]:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from . import artifacts
-from .errors import FsError, not_found, read_only
+from .errors import FsError, UsageError, not_found, read_only
 from .index import DiskIndex
 from .layout import DataIdValue, dimension_dir, parse_dimension_dir
 from .listing import Chunk, candidate_values
@@ -108,6 +108,8 @@ class Level:
     values: list[DataIdValue]
     starts: list[int]
     slots: list[Slot]
+    per_value: float = 0.0
+    """Datasets per value, on average when the level was listed."""
     retired: bool = False
     """Dropped (reloaded or evicted with its parent): readers holding it look again from the top."""
 
@@ -231,6 +233,10 @@ class ButlerSource:
         layout: Layout = "default",
         mtime: MtimeSource = "ingest",
     ) -> None:
+        if layout not in ("default", "flat"):
+            raise UsageError(f"unknown layout {layout!r}: use default or flat")
+        if mtime not in ("ingest", "listed"):
+            raise UsageError(f"unknown mtime source {mtime!r}: use ingest or listed")
         self._index = index
         self._opener = opener or artifacts.ArtifactOpener()
         self.refresh = refresh
@@ -597,6 +603,10 @@ class ButlerSource:
         # own level) rather than fetch it at once. Flat layout: the last dimension's
         # directory lists all of its files anyway, so it is fetched whole.
         cap = None if last and self._layout == "flat" else 2 * limit
+        parent = slot.parent
+        if cap is not None and parent is not None and parent.per_value * len(values) > cap:
+            self._split(slot)  # known too big: spare the query
+            return None
         rows = self._index.rows(info.name, fixed, slot.group, ingest_dates=ingest, max_rows=cap)
         if rows is None:
             self._split(slot)
@@ -790,7 +800,7 @@ def _make_level(slot: Slot, dim: str, values: list[DataIdValue], count: int, lim
     """Cut sorted sibling values into runs of about ``limit`` datasets (assuming even spread)."""
     per_value = count / max(len(values), 1)
     run = max(1, int(limit // max(per_value, 1.0)))
-    level = Level(slot.fixed, dim, values, [], [])
+    level = Level(slot.fixed, dim, values, [], [], per_value)
     for start in range(0, len(values), run):
         group = tuple(values[start : start + run])
         level.starts.append(start)
@@ -801,7 +811,13 @@ def _make_level(slot: Slot, dim: str, values: list[DataIdValue], count: int, lim
 def _level_bytes(level: Level) -> bytes:
     groups = [[s.group[1] if s.group else None, s.group is None] for s in level.slots]
     return json.dumps(
-        {"dimension": level.dimension, "values": level.values, "starts": level.starts, "groups": groups}
+        {
+            "dimension": level.dimension,
+            "values": level.values,
+            "starts": level.starts,
+            "groups": groups,
+            "per_value": level.per_value,
+        }
     ).encode()
 
 
@@ -809,7 +825,8 @@ def _level_from_bytes(slot: Slot, data: bytes, limit: int) -> Level:
     try:
         stored = json.loads(data)
         dim = stored["dimension"]
-        level = Level(slot.fixed, dim, stored["values"], [int(s) for s in stored["starts"]], [])
+        starts = [int(s) for s in stored["starts"]]
+        level = Level(slot.fixed, dim, stored["values"], starts, [], float(stored["per_value"]))
         for (values, lone), start in zip(stored["groups"], level.starts, strict=True):
             if lone:
                 fixed = (*slot.fixed, (dim, level.values[start]))
