@@ -17,6 +17,8 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 BIN = Path(sys.executable).parent
+# scripts/pgserver.py (a private PostgreSQL server) is shared with the benchmarks.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 
 def require(condition: bool, what: str) -> None:
@@ -57,6 +59,18 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
 
 
 DEFAULTS = "LSSTCam-imSim/defaults"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator:
+    """A private PostgreSQL server for the session (``scripts/pgserver.py``), removed afterwards."""
+    import glob
+
+    require(bool(glob.glob("/usr/lib/postgresql/*/bin/postgres")), "Debian's postgresql (run make setup)")
+    from pgserver import PostgresServer
+
+    with PostgresServer() as server:
+        yield server
 
 
 def _mount_points() -> list[str]:
