@@ -115,6 +115,15 @@ class DiskIndex:
             ]
         )
 
+    def retag(self, dataset_type: str, old: str, new: str) -> None:
+        """Keep a type's listings stored under ``old`` as fetched under the equivalent ``new``."""
+        self._write(
+            [
+                ("UPDATE nodes SET token = ? WHERE dataset_type = ? AND token = ?", (new, dataset_type, old)),
+                ("INSERT OR REPLACE INTO types VALUES (?, ?)", (dataset_type, new)),
+            ]
+        )
+
     def get(self, key: str, token: str) -> bytes | None:
         """Return the stored listing ``key`` if it was fetched under ``token``."""
         row = self._query("SELECT data FROM nodes WHERE key = ? AND token = ?", (key, token))

@@ -169,6 +169,8 @@ def dataset_path(
     data_id: Iterable[tuple[str, DataIdValue]],
     extension: str,
     component: str | None = None,
+    *,
+    flat: bool = False,
 ) -> str:
     """Return the path of an artifact relative to the mount point.
 
@@ -182,6 +184,8 @@ def dataset_path(
         The artifact's extension including its dot, or empty.
     component : `str`, optional
         The component of a disassembled composite.
+    flat : `bool`, optional
+        The flat layout: no directory for the last dimension (the file name has its value).
 
     Returns
     -------
@@ -190,5 +194,7 @@ def dataset_path(
     """
     items = list(data_id)
     dirs = [dimension_dir(dim, value) for dim, value in items]
+    if flat:
+        dirs = dirs[:-1]
     name = file_name(dataset_type, [value for _, value in items], extension, component)
     return "/".join([encode_value(dataset_type), *dirs, name])

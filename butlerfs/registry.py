@@ -347,22 +347,24 @@ class RepoIndex:
     def state(self, dataset_type: str, since: float | None = None) -> str:
         """Return a token that changes whenever the datasets of a type in the collections change.
 
-        One collection query and one or two counts per collection, no listing; see
-        docs/SEMANTICS.md for what it detects. Compare tokens made with the same
-        ``since`` (the older token's, `state_since`):
+        A collection query and, per collection holding the type, a count and the IDs of
+        few datasets; no listing. See docs/SEMANTICS.md for what it detects. Compare
+        tokens made with the same ``since`` (the older token's, `state_since`):
 
         * the search path, CHAINED collections flattened (a redefined chain);
-        * per RUN collection: how many datasets of the type it holds, and how many were
-          ingested after ``since`` (default: `INGEST_MARGIN` seconds ago), so that an
-          addition is seen even when a removal keeps the count;
-        * per TAGGED or CALIBRATION collection: a digest of the dataset IDs associated
-          with it (associating and certifying never change ingest dates).
+        * per RUN collection: how many datasets of the type it holds (a removal, an
+          addition), and a digest of the IDs of those ingested after ``since`` (default:
+          `INGEST_MARGIN` seconds ago): a removal together with an addition keeps the
+          count, but the new dataset's ingest date is after ``since``;
+        * per TAGGED or CALIBRATION collection: a digest of the IDs associated with it
+          (associating and certifying never change ingest dates).
         """
         import astropy.time
 
         if since is None:
             since = round(time.time() - INGEST_MARGIN, 3)
         since_tai = astropy.time.Time(since, format="unix").tai
+        id_key = f"{dataset_type}.dataset_id"
         collections: list[list[Any]] = []
         with self._lock:
             infos = self._butler.collections.query_info(
@@ -374,20 +376,19 @@ class RepoIndex:
                 if info.dataset_types is not None and dataset_type not in info.dataset_types:
                     continue
                 with self._butler.query() as query:
+                    ids = query.join_dataset_search(dataset_type, [info.name]).general(
+                        [], dataset_fields={dataset_type: {"dataset_id"}}, find_first=False
+                    )
                     if info.type == CollectionType.RUN:
-                        datasets = query.datasets(dataset_type, info.name, find_first=False)
-                        newer = datasets.where(
+                        entry.append(ids.count(exact=True))
+                        ids = ids.where(
                             f"{dataset_type}.ingest_date > butlerfs_since", bind={"butlerfs_since": since_tai}
                         )
-                        entry += [datasets.count(exact=True), newer.count(exact=True)]
-                    elif info.type in (CollectionType.TAGGED, CollectionType.CALIBRATION):
-                        found = query.join_dataset_search(dataset_type, [info.name]).general(
-                            [], dataset_fields={dataset_type: {"dataset_id"}}, find_first=False
-                        )
-                        digest = hashlib.sha1()
-                        for dataset_id in sorted({row[f"{dataset_type}.dataset_id"] for row in found}):
-                            digest.update(dataset_id.bytes)
-                        entry.append(digest.hexdigest())
+                    digest = hashlib.sha1()
+                    found = sorted({row[id_key] for row in ids})
+                    for dataset_id in found:
+                        digest.update(dataset_id.bytes)
+                    entry += [len(found), digest.hexdigest()]
         return json.dumps({"since": since, "collections": collections})
 
     def _artifacts(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[Artifact, ...]]:

@@ -43,7 +43,7 @@ from .errors import FsError, UsageError, not_found, read_only
 from .index import DiskIndex
 from .layout import DataIdValue, dimension_dir, parse_dimension_dir
 from .listing import Chunk, candidate_values
-from .registry import Artifact, DatasetEntry, DatasetTypeInfo, RepoIndex
+from .registry import Artifact, DatasetEntry, DatasetTypeInfo, RepoIndex, state_since
 
 __all__ = ["Attributes", "ButlerSource", "Directory", "File", "Layout", "MtimeSource"]
 
@@ -62,6 +62,9 @@ MtimeSource = Literal["ingest", "listed"]
 STATE_REUSE = 1.0
 """Seconds a type's state token, once checked, answers further checks (a walk of expired
 listings would otherwise check it once per piece)."""
+
+SINCE_RENEWAL = 3600.0
+"""Seconds after which an unchanged state token is made again from a recent ``since``."""
 
 _DIR_MODE = stat.S_IFDIR | 0o755
 _FILE_MODE = stat.S_IFREG | 0o644
@@ -491,25 +494,28 @@ class ButlerSource:
         """Make sure the type's state token is known (and, with ``force``, recent)."""
         if state.token is not None and not (force and self._clock() - state.checked_at > STATE_REUSE):
             return
-        stored = self._disk.token(state.info.name) if self._disk is not None else None
+        name = state.info.name
+        stored = self._disk.token(name) if self._disk is not None else None
         previous = state.token or stored
-        since = None
-        if previous is not None:
-            from .registry import state_since
-
-            since = state_since(previous)
-        token = self._index.state(state.info.name, since)
+        since = state_since(previous) if previous is not None else None
+        token = self._index.state(name, since)
         self._counters["state_checks"] += 1
-        if state.token is not None and token != state.token:
+        if previous is not None and token == previous:
+            if since is not None and time.time() - since > SINCE_RENEWAL:
+                # Unchanged: count recent ingests from now on, so the IDs fetched stay few.
+                token = self._index.state(name)
+                if self._disk is not None and stored == previous:
+                    self._disk.retag(name, previous, token)
+                    stored = token
+        elif state.token is not None:
             state.version += 1
-            _LOG.info("Datasets of %s changed in the collections: listings will be fetched again",
-                      state.info.name)
+            _LOG.info("Datasets of %s changed in the collections: listings will be fetched again", name)
         state.token = token
         state.checked_at = self._clock()
         if self._disk is not None and stored != token:
             if stored is not None:
-                _LOG.info("The index of %s is out of date: fetching its listings again", state.info.name)
-            self._disk.set_token(state.info.name, token)
+                _LOG.info("The listing index of %s is out of date: fetching its listings again", name)
+            self._disk.set_token(name, token)
 
     def prevalidate(self) -> None:
         """Check every type the on-disk index holds (a remount's first listings then wait less)."""
