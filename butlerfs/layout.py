@@ -91,6 +91,11 @@ def decode_value(text: str, *, as_int: bool = False) -> DataIdValue:
     ValueError
         Raised if ``text`` is not something `encode_value` produces.
     """
+    # Fast paths (every lookup parses a name): digits, or safe characters and no escape.
+    if as_int and text.isdigit() and text.isascii() and (text == "0" or text[0] != "0"):
+        return int(text)
+    if not as_int and "-x" not in text and _PLAIN.fullmatch(text):
+        return text
     if any(ch not in _SAFE for ch in text):
         raise ValueError(f"not an encoded value: {text!r}")
     raw = bytearray()

@@ -281,17 +281,17 @@ class Chunk:
         groups = self.groups(column, lo, hi)
         return [(dimension_dir(dim, value), start, stop) for value, start, stop in groups]
 
-    def files(self, lo: int, hi: int) -> list[tuple[str, int]]:
-        """File names of the artifacts of datasets ``lo:hi``, each with its artifact number."""
+    def files(self, lo: int, hi: int) -> list[tuple[str, int, int]]:
+        """File names of the artifacts of datasets ``lo:hi``, with artifact and dataset numbers."""
         out = []
-        starts = self.art_start
-        for row in range(lo, hi):
-            a0, a1 = int(starts[row]), int(starts[row + 1])
+        starts = self.art_start[lo : hi + 1].tolist()
+        for k, row in enumerate(range(lo, hi)):
+            a0, a1 = starts[k], starts[k + 1]
             if a0 == a1:
                 continue
             values = [v for _, v in self.data_id(row)]
             for art in range(a0, a1):
-                out.append((self._name(row, art, values), art))
+                out.append((self._name(row, art, values), art, row))
         return out
 
     def _name(self, row: int, art: int, values: list[DataIdValue]) -> str:
@@ -324,9 +324,8 @@ class Chunk:
         return self._scan(lo, hi, name)
 
     def _scan(self, lo: int, hi: int, name: str) -> tuple[int, int] | None:
-        for file, art in self.files(lo, hi):
+        for file, art, row in self.files(lo, hi):
             if file == name:
-                row = int(np.searchsorted(self.art_start, art, side="right")) - 1
                 return row, art
         return None
 

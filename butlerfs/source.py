@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import errno
 import itertools
 import json
@@ -65,6 +66,9 @@ listings would otherwise check it once per piece)."""
 
 SINCE_RENEWAL = 3600.0
 """Seconds after which an unchanged state token is made again from a recent ``since``."""
+
+_DIRS_KEPT = 256
+"""Directories remembered by path, so that listing a child does not resolve from the root."""
 
 _DIR_MODE = stat.S_IFDIR | 0o755
 _FILE_MODE = stat.S_IFREG | 0o644
@@ -254,6 +258,7 @@ class ButlerSource:
         self._mounted_at = time.time()
         self._uid, self._gid = os.getuid(), os.getgid()
         self._lru: collections.OrderedDict[Slot, None] = collections.OrderedDict()
+        self._dirs: collections.OrderedDict[str, Directory] = collections.OrderedDict()
         self._held = 0
         self._counters = collections.Counter[str]()
         self.runtime: dict[str, str] = {}
@@ -280,8 +285,19 @@ class ButlerSource:
         return _retrying(path, lambda: self._lookup(path))
 
     def _lookup(self, path: str) -> Directory | File:
+        parts = [part for part in path.split("/") if part]
         node: Directory | File = self._root
-        for name in _parts(path):
+        start = 0
+        # A walk lists each directory's children right after it: start from the deepest
+        # directory resolved recently rather than from the root.
+        for depth in (len(parts), len(parts) - 1):
+            if depth > 0:
+                cached = self._dirs.get("/".join(parts[:depth]))
+                if cached is not None and _current(cached):
+                    node, start = cached, depth
+                    break
+        for k in range(start, len(parts)):
+            name = parts[k]
             if isinstance(node, File):
                 raise FsError(errno.ENOTDIR, f"not a directory: {path}")
             child = self._child(node, name)
@@ -291,7 +307,16 @@ class ButlerSource:
             if child is None:
                 raise not_found(path)
             node = child
+            if isinstance(node, Directory):
+                self._remember("/".join(parts[: k + 1]), node)
         return node
+
+    def _remember(self, key: str, node: Directory) -> None:
+        dirs = self._dirs
+        dirs[key] = node
+        if len(dirs) > _DIRS_KEPT:
+            with contextlib.suppress(KeyError):
+                dirs.popitem(last=False)
 
     def listdir(self, path: str) -> list[tuple[str, Directory | File]]:
         """Return the entries of a directory, sorted by name."""
@@ -347,12 +372,11 @@ class ButlerSource:
 
     def _file_entries(self, chunk: Chunk, lo: int, hi: int) -> list[Entry]:
         out = []
-        art_start = chunk.art_start
-        for name, art in chunk.files(lo, hi):
-            size = int(chunk.art_sizes[art])
+        sizes = chunk.art_sizes
+        for name, art, row in chunk.files(lo, hi):
+            size = int(sizes[art])
             if size < 0:
                 size = self._unrecorded_size(chunk, art)
-            row = int(art_start.searchsorted(art, side="right")) - 1
             out.append(Entry(name, _FILE_MODE, size, chunk.mtime(row)))
         return out
 
@@ -674,6 +698,7 @@ class ButlerSource:
                 self._drop(child)
                 child.retired = True
         self._lru.pop(slot, None)
+        self._dirs.clear()  # directories resolved through it (and holding it) are forgotten
         self._held -= slot.nbytes
         slot.node = None
         slot.nbytes = 0
@@ -856,6 +881,15 @@ def _retrying[T](path: str, resolve: Callable[[], T]) -> T:
         except _RetryError:
             continue
     raise FsError(errno.EAGAIN, f"the listing of {path} kept changing while it was read")
+
+
+def _current(node: Directory) -> bool:
+    """Whether a remembered directory still shows what its slot holds."""
+    slot = node.slot
+    if slot is None:
+        return True
+    held = node.level if node.level is not None else node.chunk
+    return slot.node is held and not slot.retired and not (node.level is not None and node.level.retired)
 
 
 def _has(values: list[DataIdValue], value: DataIdValue) -> bool:

@@ -117,9 +117,8 @@ def scratch(demo, tmp_path):
 
     butler = Butler.from_config(demo.root, writeable=True)
     plain = DatasetType("scaleTest", ["instrument", "detector"], "ButlerfsFile", universe=butler.dimensions)
-    calib = DatasetType(
-        "scaleCalib", ["instrument", "detector"], "ButlerfsFile", universe=butler.dimensions, isCalibration=True
-    )
+    dims = ["instrument", "detector"]
+    calib = DatasetType("scaleCalib", dims, "ButlerfsFile", universe=butler.dimensions, isCalibration=True)
     for dataset_type in (plain, calib):
         butler.registry.registerDatasetType(dataset_type)
     runs: list[str] = []
@@ -144,8 +143,7 @@ def scratch(demo, tmp_path):
     yield SimpleNamespace(butler=butler, plain=plain, calib=calib, run=run, other=other, put=put,
                           index=tmp_path / "index")
     for name in others:
-        butler.collections.x_remove(name) if hasattr(butler.collections, "x_remove") else (
-            butler.registry.removeCollection(name))
+        butler.registry.removeCollection(name)
     butler.removeRuns(runs)
     for dataset_type in (plain, calib):
         butler.registry.removeDatasetType(dataset_type.name)

@@ -49,7 +49,7 @@ def _names(chunk: Chunk, *, flat: bool = False) -> dict[str, int]:
     def walk(prefix: str, column: int, lo: int, hi: int) -> None:
         last = len(DIMS) - (1 if flat else 0)
         if column == last:
-            for name, art in chunk.files(lo, hi):
+            for name, art, _ in chunk.files(lo, hi):
                 assert name not in found
                 found[f"{prefix}/{name}"] = art
                 assert chunk.find_file(lo, hi, name) is not None
@@ -84,7 +84,7 @@ def test_components_and_rows_of_a_directory():
     assert [name for name, _, _ in chunk.subdirectories(0, 0, len(chunk))] == ["detector_0", "detector_3"]
     lo, hi = chunk.rows_with(0, 0, len(chunk), 0)
     assert hi - lo == 2
-    names = [name for name, _ in chunk.files(lo, hi)]
+    names = [name for name, _, _ in chunk.files(lo, hi)]
     assert len(names) == 4 and all(n.startswith(("calexp.image_", "calexp.mask_")) for n in names)
     start, stop = chunk.rows_with(0, 0, len(chunk), 7)
     assert start == stop
