@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
+import ctypes
 import errno
 import itertools
 import json
@@ -37,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from . import artifacts
 from .errors import FsError, UsageError, not_found, read_only
@@ -582,6 +583,8 @@ class ButlerSource:
             if self._disk is not None:
                 data = node.to_bytes() if isinstance(node, Chunk) else _level_bytes(node)
                 self._disk.put(slot.key, slot.dataset_type, token, data)
+            if isinstance(node, Chunk) and len(node) > 1000:
+                _trim_heap()
         self._counters[f"loads_{source}"] += 1
         self._attach(slot, node, state.version)
         if isinstance(node, Chunk):
@@ -881,6 +884,25 @@ def _retrying[T](path: str, resolve: Callable[[], T]) -> T:
         except _RetryError:
             continue
     raise FsError(errno.EAGAIN, f"the listing of {path} kept changing while it was read")
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc), after a load's temporaries.
+
+    A load of thousands of rows makes many short-lived objects (query rows, UUIDs, astropy
+    times); without this the daemon's resident memory keeps their high-water mark.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
 
 
 def _current(node: Directory) -> bool:
