@@ -65,7 +65,7 @@ class MountOptions:
     dataset_types: Sequence[str] = ()
     where: str = ""
     refresh: float = 60.0
-    subtree_limit: int = 20_000
+    subtree_limit: int = 5_000
     layout: str = "default"
     """``default`` or ``flat`` (no directory for the last dimension)."""
     mtime: str = "ingest"

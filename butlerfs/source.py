@@ -233,7 +233,7 @@ class ButlerSource:
         index: RepoIndex,
         *,
         refresh: float = 60.0,
-        subtree_limit: int = 20_000,
+        subtree_limit: int = 5_000,
         opener: artifacts.ArtifactOpener | None = None,
         clock: Callable[[], float] = time.monotonic,
         memory_limit: int = 1 << 30,

@@ -47,7 +47,6 @@ INSTRUMENT = c.INSTRUMENT
 DATASET_TYPE = "calexp"
 DETECTORS = 100
 BATCH = 20_000
-DEFAULT_SUBTREE_LIMIT = 20_000
 STALE_REFRESH = 5.0  # seconds: the refresh interval of the "after refresh expired" measurement
 LOADED = re.compile(r"Loaded .* from the (registry|index): .* in ([0-9.]+) s$")
 PG_SERVER_DIR = "pg"
