@@ -546,10 +546,13 @@ class ButlerSource:
         """Check every type the on-disk index holds (a remount's first listings then wait less)."""
         if self._disk is None:
             return
-        for state in self._types.values():
-            if self._disk.token(state.info.name) is not None:
-                with self._lock:
-                    self._check_state(state)
+        try:
+            for state in self._types.values():
+                if self._disk.token(state.info.name) is not None:
+                    with self._lock:
+                        self._check_state(state)
+        except Exception as err:  # the first listing of the type checks again, and reports
+            _LOG.warning("Checking the listing index failed: %s", err)
 
     def _loaded(self, slot: Slot) -> Chunk | Level | None:
         """The piece on ``slot``, loaded if needed; `None` if loading split the slot instead."""
