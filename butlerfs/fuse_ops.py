@@ -195,6 +195,7 @@ class ButlerFuse(mfusepy.Operations):
 _READDIR_PLUS = 1  # enum fuse_readdir_flags: FUSE_READDIR_PLUS
 _FILL_DIR_PLUS = 2  # enum fuse_fill_dir_flags: FUSE_FILL_DIR_PLUS
 _LISTINGS_KEPT = 64
+_LISTED_ENTRIES_KEPT = 100_000
 
 
 class _ZeroCopyFUSE(mfusepy.FUSE):
@@ -210,6 +211,7 @@ class _ZeroCopyFUSE(mfusepy.FUSE):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._listings: collections.OrderedDict[bytes, list[Entry]] = collections.OrderedDict()
         self._listings_lock = threading.Lock()
+        self._listed = 0
         super().__init__(*args, **kwargs)
 
     def _listing(self, path: bytes, offset: int) -> list[Entry]:
@@ -219,9 +221,13 @@ class _ZeroCopyFUSE(mfusepy.FUSE):
             source: ButlerSource = self.operations.source
             entries = source.scandir(path.decode(self.encoding, self.errors))
             with self._listings_lock:
+                old = self._listings.pop(path, None)
+                self._listed += len(entries) - (len(old) if old is not None else 0)
                 self._listings[path] = entries
-                while len(self._listings) > _LISTINGS_KEPT:
-                    self._listings.popitem(last=False)
+                while len(self._listings) > 1 and (
+                    len(self._listings) > _LISTINGS_KEPT or self._listed > _LISTED_ENTRIES_KEPT
+                ):
+                    self._listed -= len(self._listings.popitem(last=False)[1])
         return entries
 
     def readdir_fuse_3(
