@@ -334,11 +334,11 @@ def detector_dir(mountpoint: str, detector: int) -> str:
     return os.path.join(mountpoint, DATASET_TYPE, f"instrument_{INSTRUMENT}", f"detector_{detector}")
 
 
-VARIANTS = [
-    ("defaults", []),
-    ("`--mtime listed`", ["--mtime", "listed"]),
-    ("`--layout flat --mtime listed`", ["--layout", "flat", "--mtime", "listed"]),
-]
+VARIANTS = {
+    "defaults": ("defaults", []),
+    "listed": ("`--mtime listed`", ["--mtime", "listed"]),
+    "flat": ("`--layout flat --mtime listed`", ["--layout", "flat", "--mtime", "listed"]),
+}
 
 
 @dataclass
@@ -361,7 +361,8 @@ def mwall(walks: list[Walk]) -> float:
     return med([w.wall for w in walks])
 
 
-def measure_repo(repo: Path, n: int, reps: int, work: Path, trace: bool, stale: bool) -> dict[str, object]:
+def measure_repo(repo: Path, n: int, reps: int, work: Path, trace: bool, stale: bool,
+                 variants: list[str], bounded_walk: bool) -> dict[str, object]:
     """Everything measured on one repository."""
     mountpoint = c.BENCH_DIR / "mnt-tree"
     log = work / "daemon.log"
@@ -374,7 +375,7 @@ def measure_repo(repo: Path, n: int, reps: int, work: Path, trace: bool, stale: 
         baseline.add(query_datasets(repo))
     print(f"    {baseline.median:.2f} s", flush=True)
     trials: dict[str, Trial] = {}
-    for tag, options in VARIANTS:
+    for tag, options in (VARIANTS[v] for v in variants):
         flat = "flat" in options
         trial = trials[tag] = Trial()
         for _ in range(reps):
@@ -404,21 +405,24 @@ def measure_repo(repo: Path, n: int, reps: int, work: Path, trace: bool, stale: 
                   f"{a.loads['registry']:.0f}", flush=True)
 
     # A memory limit of a quarter of what the listings need: evictions, reloads from the index.
-    tag, options = VARIANTS[1]
-    need = med([w.listing_bytes for w in trials[tag].first])
-    limit = max(int(need // 4), 1 << 20)
-    cache = work / "cache"
-    c.drop_caches()
-    with mounted(repo, mountpoint, [*options, "--memory-limit", str(limit)], log, cache) as m:
-        bounded = walk(m, m.mountpoint, n)
-        bounded_again = walk(m, m.mountpoint, n)
-    print(f"  memory limit {limit >> 20} MiB: find {bounded.wall:.1f} s, "
-          f"listings {bounded.listing_bytes >> 20} "
-          f"MiB, rss {bounded.rss >> 20} MiB; again {bounded_again.wall:.1f} s", flush=True)
+    bounded = bounded_again = None
+    limit = 0
+    if bounded_walk:
+        tag, options = VARIANTS["listed"]
+        need = med([w.listing_bytes for t in trials.values() for w in t.first])
+        limit = max(int(need // 4), 1 << 20)
+        cache = work / "cache"
+        c.drop_caches()
+        with mounted(repo, mountpoint, [*options, "--memory-limit", str(limit)], log, cache) as m:
+            bounded = walk(m, m.mountpoint, n)
+            bounded_again = walk(m, m.mountpoint, n)
+        print(f"  memory limit {limit >> 20} MiB: find {bounded.wall:.1f} s, "
+              f"listings {bounded.listing_bytes >> 20} "
+              f"MiB, rss {bounded.rss >> 20} MiB; again {bounded_again.wall:.1f} s", flush=True)
 
     requests: dict[str, dict[str, int]] = {}
     if trace and c.can_trace_fuse():
-        for tag, options in (VARIANTS[1], VARIANTS[2]):
+        for tag, options in (VARIANTS["listed"], VARIANTS["flat"]):
             cache = work / "cache"
             c.drop_caches()
             with mounted(repo, mountpoint, options, log, cache) as m:
@@ -449,6 +453,10 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=None,
                         help="repetitions (default 3 below 10^6 datasets, 1 from 10^6; 1 with --quick)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached repositories")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated mount variants (default: %(default)s)")
+    parser.add_argument("--no-bounded-walk", action="store_true",
+                        help="skip the walk under a memory limit")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="first wait up to this long for the machine's load average to fall below 1")
     parser.add_argument("--no-docs", action="store_true", help="print the section instead of writing it")
@@ -477,7 +485,8 @@ def main() -> int:
                 builds[(kind, n)] = f"built {built}: {steps_text}"
                 work = repo_root(n, url)
                 results[(kind, n)] = measure_repo(repo, n, reps, work, trace=n == min(sizes),
-                                                  stale=n == min(sizes))
+                                                  stale=n == min(sizes), variants=args.variants.split(","),
+                                                  bounded_walk=not args.no_bounded_walk)
     finally:
         with contextlib.suppress(OSError):
             (c.BENCH_DIR / "mnt-tree").rmdir()
@@ -525,17 +534,16 @@ def report(results: dict[tuple[str, int], dict[str, object]], builds: dict[tuple
              "loads registry / index, remount"],
             rows)
         bounded, again, limit = r["bounded"], r["bounded_again"], r["limit"]
-        assert isinstance(bounded, Walk) and isinstance(again, Walk) and isinstance(limit, int)
-        limit_text = (
-            f"With `--mtime listed --memory-limit {limit >> 20}M` (a quarter of what the listings "
-            f"need), a first "
-            f"`find` took {secs(bounded.wall)} and left {bounded.listing_bytes / 2**20:.1f} MiB of listings "
-            f"(RSS {bounded.rss / 2**20:.0f} MiB, {bounded.stats.get('evictions', 0)} pieces evicted); "
-            f"a second "
-            f"`find` on the same daemon took {secs(again.wall)}, reloading "
-            f"{again.loads['index']:.0f} pieces from the "
-            f"index and {again.loads['registry']:.0f} from the registry."
-        )
+        limit_text = "(The walk under a memory limit was skipped.)"
+        if isinstance(bounded, Walk) and isinstance(again, Walk) and isinstance(limit, int):
+            limit_text = (
+                f"With `--mtime listed --memory-limit {limit >> 20}M` (a quarter of what the listings "
+                f"need), a first `find` took {secs(bounded.wall)} and left "
+                f"{bounded.listing_bytes / 2**20:.1f} MiB of listings (RSS {bounded.rss / 2**20:.0f} MiB, "
+                f"{bounded.stats.get('evictions', 0)} pieces evicted); a second `find` on the same daemon "
+                f"took {secs(again.wall)}, reloading {again.loads['index']:.0f} pieces from the index and "
+                f"{again.loads['registry']:.0f} from the registry."
+            )
         extra = ""
         requests = r["requests"]
         assert isinstance(requests, dict)
@@ -561,7 +569,7 @@ def report(results: dict[tuple[str, int], dict[str, object]], builds: dict[tuple
             f"... --limit 0`: {secs(base)} (best {secs(baseline.min)}, {len(baseline)} runs).\n\n{table}\n\n"
             f"{limit_text}{extra}"
         )
-        d = trials["defaults"]
+        d = trials.get("defaults") or next(iter(trials.values()))
         best_tag = min(trials, key=lambda k: med([w.wall for w in trials[k].first]))
         best = trials[best_tag]
         verdicts.append([
