@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -251,6 +252,7 @@ class Mounted:
         match = re.search(rb"daemon (\d+)", result.stdout)
         self.daemon = psutil.Process(int(match.group(1))) if match else None
         self.rss_at_start = self.rss()
+        self.profile = ""
 
     def cpu(self) -> float:
         if self.daemon is None:
@@ -306,10 +308,58 @@ class Walk:
     """RSS once the kernel dropped its cached entries (libfuse frees a node per inode forgotten)."""
 
 
-def walk(m: Mounted, path: str | list[str], expect: int) -> Walk:
+PROFILE_CATEGORIES = [
+    ("ingest dates (astropy `Time` per row)", ["nsec_to_astropy", "astropy/time"]),
+    ("datastore records (`RepoIndex._artifacts`)", ["RepoIndex._artifacts"]),
+    ("Butler query rows (`general()`)", ["GeneralQueryResults.__iter__"]),
+    ("other registry calls (counts, distinct values, state checks)", ["registry.py"]),
+    ("packing listings (`Chunk.build`)", ["Chunk.build"]),
+    ("the listing index (SQLite, zlib)", ["index.py", "Chunk.from_bytes", "Chunk.to_bytes"]),
+    ("names and attributes of entries", ["Chunk.files", "_file_entries", "Chunk.subdirectories", "_entries"]),
+    ("path resolution", ["_lookup", "_child"]),
+    ("FUSE callbacks (mfusepy, ctypes)", ["readdir_fuse_3", "FUSE._wrapper", "fgetattr"]),
+]
+
+
+def profiled(m: Mounted, work: Path) -> tuple[subprocess.Popen[bytes] | None, Path]:
+    """Start ``py-spy record`` on the daemon (if py-spy is installed)."""
+    out = work / "profile.txt"
+    tool = c.VENV_BIN / "py-spy"
+    if m.daemon is None or not tool.exists():
+        return None, out
+    cmd = [str(tool), "record", "-p", str(m.daemon.pid), "-f", "raw", "-r", "100", "-o", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out
+
+
+def profile_table(raw: Path) -> str:
+    """Where the daemon's busy samples went, by category (idle threads and imports left out)."""
+    counts: dict[str, int] = {}
+    busy = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        idle = not stack.strip() or frames[-1].startswith("FUSE.__init__")  # libfuse's loop, native waits
+        if not n.isdigit() or idle or "_find_and_load" in stack:
+            continue
+        busy += int(n)
+        name = next((k for k, keys in PROFILE_CATEGORIES if any(key in stack for key in keys)), "other")
+        counts[name] = counts.get(name, 0) + int(n)
+    if not busy:
+        return "(no samples)"
+    return c.table(["where", "share of the daemon's busy samples"],
+                   [[k, f"{100 * v / busy:.0f}%"] for k, v in sorted(counts.items(), key=lambda kv: -kv[1])])
+
+
+def walk(m: Mounted, path: str | list[str], expect: int, profile: Path | None = None) -> Walk:
     cpu = m.cpu()
     m.loads()
+    spy, raw = profiled(m, profile) if profile is not None else (None, Path())
     elapsed, count = count_lines_of(find_command(path))
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=120)
+        if raw.exists():
+            m.profile = profile_table(raw)
     if count != expect:
         raise RuntimeError(f"find listed {count} files, expected {expect}")
     stats = m.stats()
@@ -362,7 +412,7 @@ def mwall(walks: list[Walk]) -> float:
 
 
 def measure_repo(repo: Path, n: int, reps: int, work: Path, trace: bool, stale: bool,
-                 variants: list[str], bounded_walk: bool) -> dict[str, object]:
+                 variants: list[str], bounded_walk: bool, profile: bool) -> dict[str, object]:
     """Everything measured on one repository."""
     mountpoint = c.BENCH_DIR / "mnt-tree"
     log = work / "daemon.log"
@@ -375,6 +425,7 @@ def measure_repo(repo: Path, n: int, reps: int, work: Path, trace: bool, stale: 
         baseline.add(query_datasets(repo))
     print(f"    {baseline.median:.2f} s", flush=True)
     trials: dict[str, Trial] = {}
+    profiles: dict[str, str] = {}
     for tag, options in (VARIANTS[v] for v in variants):
         flat = "flat" in options
         trial = trials[tag] = Trial()
@@ -388,7 +439,10 @@ def measure_repo(repo: Path, n: int, reps: int, work: Path, trace: bool, stale: 
             c.remove_tree(cache)  # the walk starts from an empty index too
             c.drop_caches()
             with mounted(repo, mountpoint, options, log, cache) as m:
-                trial.first.append(walk(m, m.mountpoint, n))
+                sample_in = work if profile and not profiles.get(tag) else None
+                trial.first.append(walk(m, m.mountpoint, n, sample_in))
+                if m.profile:
+                    profiles[tag] = m.profile
             c.drop_caches()
             with mounted(repo, mountpoint, options, log, cache) as m:  # the index is kept
                 trial.re_startup.add(m.startup)
@@ -438,7 +492,7 @@ def measure_repo(repo: Path, n: int, reps: int, work: Path, trace: bool, stale: 
             time.sleep(STALE_REFRESH + 1.0)
             refresh["expired"] = walk(m, path, per_detector)
     return dict(baseline=baseline, trials=trials, limit=limit, bounded=bounded, bounded_again=bounded_again,
-                requests=requests, refresh=refresh)
+                requests=requests, refresh=refresh, profiles=profiles)
 
 
 def main() -> int:
@@ -457,6 +511,8 @@ def main() -> int:
                         help="comma-separated mount variants (default: %(default)s)")
     parser.add_argument("--no-bounded-walk", action="store_true",
                         help="skip the walk under a memory limit")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="do not sample the daemon with py-spy during each variant's first walk")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="first wait up to this long for the machine's load average to fall below 1")
     parser.add_argument("--no-docs", action="store_true", help="print the section instead of writing it")
@@ -486,7 +542,8 @@ def main() -> int:
                 work = repo_root(n, url)
                 results[(kind, n)] = measure_repo(repo, n, reps, work, trace=n == min(sizes),
                                                   stale=n == min(sizes), variants=args.variants.split(","),
-                                                  bounded_walk=not args.no_bounded_walk)
+                                                  bounded_walk=not args.no_bounded_walk,
+                                                  profile=not args.no_profile)
     finally:
         with contextlib.suppress(OSError):
             (c.BENCH_DIR / "mnt-tree").rmdir()
@@ -553,6 +610,11 @@ def report(results: dict[tuple[str, int], dict[str, object]], builds: dict[tuple
                       f"(`perf record -e fuse:fuse_request_send`): "
                       f"{total:,} in all, {total / n:.2f} per dataset: "
                       + ", ".join(f"{op} {k:,}" for op, k in counts.items()) + ".")
+        profiles = r["profiles"]
+        assert isinstance(profiles, dict)
+        for tag, text in profiles.items():
+            extra += (f"\n\nWhere the daemon's time went during the first `find`, {tag} (`py-spy record` at "
+                      f"100 Hz):\n\n{text}")
         refresh = r["refresh"]
         assert isinstance(refresh, dict)
         if refresh:
