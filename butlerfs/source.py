@@ -635,13 +635,14 @@ class ButlerSource:
             return Chunk.build(info.name, slot.fixed, whole, listed_at=time.time())
         dim, values = slot.group
         last = depth + 1 == len(info.dimensions)
-        # More than twice the limit: split the run of siblings (or give a lone value its
-        # own level) rather than fetch it at once. Flat layout: the last dimension's
-        # directory lists all of its files anyway, so it is fetched whole.
+        # Expected over the limit (from the level's average), or found over twice the
+        # limit: split the run of siblings (or give a lone value its own level) rather
+        # than fetch it at once. Flat layout: the last dimension's directory lists all
+        # of its files anyway, so it is fetched whole.
         cap = None if last and self._layout == "flat" else 2 * limit
         parent = slot.parent
-        if cap is not None and parent is not None and parent.per_value * len(values) > cap:
-            self._split(slot)  # known too big: spare the query
+        if cap is not None and parent is not None and parent.per_value * len(values) > limit:
+            self._split(slot)  # expected over the limit: spare the query
             return None
         rows = self._index.rows(info.name, fixed, slot.group, ingest_dates=ingest, max_rows=cap)
         if rows is None:
