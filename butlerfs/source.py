@@ -523,8 +523,10 @@ class ButlerSource:
         stored = self._disk.token(name) if self._disk is not None else None
         previous = state.token or stored
         since = state_since(previous) if previous is not None else None
+        started = time.perf_counter()
         token = self._index.state(name, since)
         self._counters["state_checks"] += 1
+        _LOG.debug("Checked the state of %s in %.3f s", name, time.perf_counter() - started)
         if previous is not None and token == previous:
             if since is not None and time.time() - since > SINCE_RENEWAL:
                 # Unchanged: count recent ingests from now on, so the IDs fetched stay few.
