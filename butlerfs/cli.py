@@ -149,7 +149,33 @@ where_option = click.option(
     default=_MOUNT_DEFAULTS["subtree_limit"],
     show_default=True,
     type=click.IntRange(min=0),
-    help="Fetch a directory's whole subtree in one query when it holds at most this many datasets.",
+    help="Most datasets fetched by one registry query (a directory with more is fetched in pieces).",
+)
+@click.option(
+    "--layout",
+    default=_MOUNT_DEFAULTS["layout"],
+    show_default=True,
+    type=click.Choice(["default", "flat"]),
+    help="flat: no directory for the last dimension; its files sit in the directory above.",
+)
+@click.option(
+    "--mtime",
+    default=_MOUNT_DEFAULTS["mtime"],
+    show_default=True,
+    type=click.Choice(["ingest", "listed"]),
+    help="Files' mtime: each dataset's ingest date, or when the mount first listed it (faster).",
+)
+@click.option(
+    "--memory-limit",
+    default=format_size(_MOUNT_DEFAULTS["memory_limit"]),
+    show_default=True,
+    callback=_size_option,
+    help="Listings held in memory; beyond it the least recently used are dropped and fetched again.",
+)
+@click.option(
+    "--no-index",
+    is_flag=True,
+    help="Keep no on-disk listing index (default: kept under the cache directory for the next mount).",
 )
 @cache_dir_option
 @cache_size_option
@@ -191,6 +217,10 @@ def mount_command(
     where: str,
     refresh: float,
     subtree_limit: int,
+    layout: str,
+    mtime: str,
+    memory_limit: int,
+    no_index: bool,
     cache_dir: str | None,
     cache_size: int,
     fetch_concurrency: int,
@@ -216,6 +246,10 @@ def mount_command(
         where=where,
         refresh=refresh,
         subtree_limit=subtree_limit,
+        layout=layout,
+        mtime=mtime,
+        memory_limit=memory_limit,
+        index=not no_index,
         cache_dir=cache_dir,
         cache_size=cache_size,
         fetch_concurrency=fetch_concurrency,

@@ -47,9 +47,13 @@ class Artifact:
         Returns the URI of ``path``; called once, when `uri` is first read.
     uri : `str`, optional
         The URI, when known already.
+    store : `int`, optional
+        Which of the datastore's roots ``resolve`` resolves against (-1: none); with the
+        dataset ID, what `Datastore.artifact` needs to make the artifact again (an on-disk
+        listing index keeps that, not the URI).
     """
 
-    __slots__ = ("_resolve", "_uri", "checksum", "component", "formatter", "path", "size")
+    __slots__ = ("_resolve", "_uri", "checksum", "component", "formatter", "path", "size", "store")
 
     def __init__(
         self,
@@ -60,6 +64,7 @@ class Artifact:
         formatter: str,
         resolve: Callable[[str], str] | None = None,
         uri: str | None = None,
+        store: int = -1,
     ) -> None:
         self.path = path
         self.size = size
@@ -68,6 +73,7 @@ class Artifact:
         self.formatter = formatter
         self._resolve = resolve
         self._uri = uri
+        self.store = store
 
     @property
     def uri(self) -> str:
@@ -125,6 +131,28 @@ class Datastore(abc.ABC):
         """Return the artifacts of datasets in bulk, sorted by component.
 
         A dataset without records is absent from the result.
+        """
+
+    @abc.abstractmethod
+    def artifact(
+        self,
+        dataset_id: uuid.UUID,
+        store: int,
+        path: str,
+        size: int,
+        component: str | None,
+        checksum: str | None,
+    ) -> Artifact:
+        """Make an artifact of `artifacts` again from what identifies it (no request).
+
+        Parameters
+        ----------
+        dataset_id : `uuid.UUID`
+            Its dataset.
+        store : `int`
+            Its `Artifact.store`.
+        path, size, component, checksum
+            Its record's fields (the formatter is not kept).
         """
 
     @abc.abstractmethod

@@ -53,7 +53,7 @@ class DirectDatastore(Datastore):
         # The datastore's own export reads these rows too, but builds a
         # StoredFileInfo and a ResourcePath per row, which a listing does not need.
         found: dict[uuid.UUID, list[Artifact]] = {}
-        for store in self._stores():
+        for number, store in enumerate(self._stores()):
             resolve = functools.partial(_resolve, store.locationFactory)
             for batch in store._export_rows(list(ids)):
                 for row in batch:
@@ -65,9 +65,26 @@ class DirectDatastore(Datastore):
                             checksum=row["checksum"],
                             formatter=row["formatter"],
                             resolve=resolve,
+                            store=number,
                         )
                     )
         return {k: tuple(sorted(v, key=lambda a: a.component or "")) for k, v in found.items()}
+
+
+    def artifact(
+        self,
+        dataset_id: uuid.UUID,
+        store: int,
+        path: str,
+        size: int,
+        component: str | None,
+        checksum: str | None,
+    ) -> Artifact:
+        """Make an artifact again: its path resolved against file datastore number ``store``."""
+        if store < 0:
+            return Artifact(path, size, component, checksum, "", uri=path)
+        resolve = functools.partial(_resolve, self._stores()[store].locationFactory)
+        return Artifact(path, size, component, checksum, "", resolve=resolve, store=store)
 
 
 def _resolve(factory: Any, path: str) -> str:

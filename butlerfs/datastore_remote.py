@@ -76,6 +76,19 @@ class RemoteDatastore(Datastore):
         _, hash_sign, fragment = path.partition("#")
         return uri + hash_sign + fragment
 
+    def artifact(
+        self,
+        dataset_id: uuid.UUID,
+        store: int,
+        path: str,
+        size: int,
+        component: str | None,
+        checksum: str | None,
+    ) -> Artifact:
+        """Make an artifact again: its URI is the dataset's download URL."""
+        uri = self.download_uri(dataset_id, component, path)
+        return Artifact(path, size, component, checksum, "", uri=uri)
+
     def artifacts(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, tuple[Artifact, ...]]:
         """Return the artifacts of datasets, in requests of at most 10,000 IDs.
 

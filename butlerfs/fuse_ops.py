@@ -4,15 +4,24 @@ Each operation translates a call into `ButlerSource` and nothing else; errors ar
 `OSError` subclasses carrying their errno, which mfusepy returns as ``-errno``.
 Reads go straight into the kernel's buffer (``preadv`` on a view of it), which
 saves a copy per request and releases the GIL during the read.
+
+Directory listings answer the kernel's ``READDIRPLUS`` with every entry's attributes
+(mfusepy 3.1.1 passes only the mode, so the kernel then looked each entry up: three
+requests per dataset). With them the kernel caches the entries and their attributes,
+and a walk needs no ``LOOKUP`` or ``GETATTR``.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
+import itertools
 import logging
 import os
+import stat
+import threading
 from collections.abc import Callable
 from ctypes.util import find_library
 from typing import Any
@@ -40,7 +49,7 @@ _pin_libfuse3()
 
 import mfusepy  # noqa: E402  (after the library is pinned)
 
-from .source import ButlerSource  # noqa: E402
+from .source import ButlerSource, Entry  # noqa: E402
 
 __all__ = ["ButlerFuse", "libfuse_version", "run_fuse"]
 
@@ -68,6 +77,8 @@ def libfuse_version() -> str:
         )
     return version
 
+
+_CAP_READDIRPLUS_AUTO = 1 << 14  # FUSE_CAP_READDIRPLUS_AUTO (fuse_common.h)
 
 # The size userspace buffers its reads by (Python's open, stdio). Kernel requests
 # to the daemon are sized by the kernel's read-ahead, not by this; a larger value
@@ -98,6 +109,10 @@ class ButlerFuse(mfusepy.Operations):
         # refresh interval and keep file pages across opens while size and mtime
         # (the ingest date) are unchanged. Missing names are not cached, so new
         # datasets appear as soon as the listing is refreshed.
+        if conn is not None:
+            # Always READDIRPLUS: in "auto" mode the kernel asks for attributes only in a
+            # directory's first request, and looks up every later entry one by one.
+            conn.want &= ~_CAP_READDIRPLUS_AUTO
         if config is not None:
             timeout = float(self.source.refresh)
             config.entry_timeout = timeout
@@ -129,7 +144,8 @@ class ButlerFuse(mfusepy.Operations):
         }
 
     def readdir(self, path: str, fh: int) -> list[str]:
-        return [".", "..", *(name for name, _ in self.source.listdir(path))]
+        # Registers the callback; _ZeroCopyFUSE.readdir_fuse_3 answers it with attributes.
+        return [".", "..", *(entry.name for entry in self.source.scandir(path))]
 
     def open(self, path: str, flags: int) -> int:
         return self.source.open(path, flags)
@@ -176,8 +192,71 @@ class ButlerFuse(mfusepy.Operations):
         raise read_only(target)
 
 
+_READDIR_PLUS = 1  # enum fuse_readdir_flags: FUSE_READDIR_PLUS
+_FILL_DIR_PLUS = 2  # enum fuse_fill_dir_flags: FUSE_FILL_DIR_PLUS
+_LISTINGS_KEPT = 64
+_LISTED_ENTRIES_KEPT = 100_000
+
+
 class _ZeroCopyFUSE(mfusepy.FUSE):
-    """mfusepy's FUSE with a read that fills the kernel buffer in place."""
+    """mfusepy's FUSE with a read that fills the kernel buffer in place, and readdirplus.
+
+    Directory entries are given with offsets (their position plus one): libfuse 3.14
+    drops the attributes of ``READDIRPLUS`` entries given without (it replies with
+    inode 0, which the kernel ignores, and looks every entry up). The kernel then asks
+    for a directory in several requests; a listing made at offset 0 is kept for the
+    requests that continue it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._listings: collections.OrderedDict[bytes, list[Entry]] = collections.OrderedDict()
+        self._listings_lock = threading.Lock()
+        self._listed = 0
+        super().__init__(*args, **kwargs)
+
+    def _listing(self, path: bytes, offset: int) -> list[Entry]:
+        with self._listings_lock:
+            entries = self._listings.get(path) if offset else None
+        if entries is None:
+            source: ButlerSource = self.operations.source
+            entries = source.scandir(path.decode(self.encoding, self.errors))
+            with self._listings_lock:
+                old = self._listings.pop(path, None)
+                self._listed += len(entries) - (len(old) if old is not None else 0)
+                self._listings[path] = entries
+                while len(self._listings) > 1 and (
+                    len(self._listings) > _LISTINGS_KEPT or self._listed > _LISTED_ENTRIES_KEPT
+                ):
+                    self._listed -= len(self._listings.popitem(last=False)[1])
+        return entries
+
+    def readdir_fuse_3(
+        self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
+    ) -> int:
+        entries = self._listing(path or b"/", offset)
+        plus = _FILL_DIR_PLUS if flags & _READDIR_PLUS else 0
+        st = mfusepy.c_stat()
+        uid, gid = self.operations.source.owner
+        st.st_uid, st.st_gid, st.st_nlink, st.st_blksize = uid, gid, 1, PREFERRED_IO_SIZE
+        position = offset
+        if position < 2:
+            st.st_mode = stat.S_IFDIR
+            for name in (b".", b"..")[position:]:
+                position += 1
+                if filler(buf, name, st, position, 0):
+                    return 0
+        encoding, errors = self.encoding, self.errors
+        for entry in itertools.islice(entries, position - 2, None):
+            st.st_mode = entry.mode
+            st.st_size = entry.size
+            st.st_blocks = (entry.size + 511) // 512
+            seconds, nanos = divmod(int(entry.mtime * 1e9), 1_000_000_000)
+            for stamp in (st.st_mtimespec, st.st_ctimespec, st.st_atimespec):
+                stamp.tv_sec, stamp.tv_nsec = seconds, nanos
+            position += 1
+            if filler(buf, entry.name.encode(encoding, errors), st, position, plus):
+                break
+        return 0
 
     def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         source: ButlerSource = self.operations.source

@@ -91,6 +91,11 @@ def decode_value(text: str, *, as_int: bool = False) -> DataIdValue:
     ValueError
         Raised if ``text`` is not something `encode_value` produces.
     """
+    # Fast paths (every lookup parses a name): digits, or safe characters and no escape.
+    if as_int and text.isdigit() and text.isascii() and (text == "0" or text[0] != "0"):
+        return int(text)
+    if not as_int and "-x" not in text and _PLAIN.fullmatch(text):
+        return text
     if any(ch not in _SAFE for ch in text):
         raise ValueError(f"not an encoded value: {text!r}")
     raw = bytearray()
@@ -169,6 +174,8 @@ def dataset_path(
     data_id: Iterable[tuple[str, DataIdValue]],
     extension: str,
     component: str | None = None,
+    *,
+    flat: bool = False,
 ) -> str:
     """Return the path of an artifact relative to the mount point.
 
@@ -182,6 +189,8 @@ def dataset_path(
         The artifact's extension including its dot, or empty.
     component : `str`, optional
         The component of a disassembled composite.
+    flat : `bool`, optional
+        The flat layout: no directory for the last dimension (the file name has its value).
 
     Returns
     -------
@@ -190,5 +199,7 @@ def dataset_path(
     """
     items = list(data_id)
     dirs = [dimension_dir(dim, value) for dim, value in items]
+    if flat:
+        dirs = dirs[:-1]
     name = file_name(dataset_type, [value for _, value in items], extension, component)
     return "/".join([encode_value(dataset_type), *dirs, name])

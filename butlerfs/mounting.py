@@ -70,7 +70,17 @@ class MountOptions:
     dataset_types: Sequence[str] = ()
     where: str = ""
     refresh: float = 60.0
-    subtree_limit: int = 20_000
+    subtree_limit: int = 5_000
+    layout: str = "default"
+    """``default`` or ``flat`` (no directory for the last dimension)."""
+    mtime: str = "ingest"
+    """Files' mtime: ``ingest`` (each dataset's ingest date) or ``listed`` (when first listed)."""
+    memory_limit: int = 1 << 30
+    """Bytes of listings the daemon holds; the least recently used are dropped beyond it."""
+    index: bool = True
+    """Keep listings in a persistent on-disk index for the next mount."""
+    index_dir: str | None = None
+    """Where the index lives; default ``<cache dir>/index``."""
     threads: bool = True
     allow_other: bool = False
     read_ahead_kb: int | None = None
@@ -378,6 +388,13 @@ def make_opener(options: MountOptions, datastore: Datastore) -> ArtifactOpener:
     return opener
 
 
+def index_dir(options: MountOptions) -> str:
+    """Return the directory of the persistent listing index for ``options``."""
+    from .cache import default_cache_dir
+
+    return options.index_dir or os.path.join(options.cache_dir or default_cache_dir(), "index")
+
+
 def serve(options: MountOptions, on_mounted: Callable[[], None] | None = None) -> None:
     """Open the repository and serve the mount in this process until unmounted.
 
@@ -399,7 +416,16 @@ def serve(options: MountOptions, on_mounted: Callable[[], None] | None = None) -
     if read_ahead_kb is None:
         remote = any(not root.startswith("file:") for root in roots)
         read_ahead_kb = REMOTE_READ_AHEAD_KB if remote else READ_AHEAD_KB
-    source = ButlerSource(index, refresh=options.refresh, subtree_limit=options.subtree_limit, opener=opener)
+    source = ButlerSource(
+        index,
+        refresh=options.refresh,
+        subtree_limit=options.subtree_limit,
+        opener=opener,
+        memory_limit=options.memory_limit,
+        index_dir=index_dir(options) if options.index else None,
+        layout=options.layout,  # type: ignore[arg-type]
+        mtime=options.mtime,  # type: ignore[arg-type]
+    )
 
     def after_mount() -> None:
         # The kernel answers a stat of the mount point only after init returns; a
@@ -414,6 +440,8 @@ def serve(options: MountOptions, on_mounted: Callable[[], None] | None = None) -
         _LOG.info("Mounted %s at %s", options.repo, options.mountpoint)
         if on_mounted is not None:
             on_mounted()
+        # A remount checks what its on-disk index holds now, before the first listings ask.
+        source.prevalidate()
 
     def on_ready() -> None:
         threading.Thread(target=after_mount, name="butlerfs-ready", daemon=True).start()

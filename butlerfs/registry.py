@@ -24,6 +24,8 @@ import dataclasses
 import datetime
 import errno
 import fnmatch
+import hashlib
+import json
 import logging
 import os
 import re
@@ -41,11 +43,13 @@ from lsst.daf.butler.registry import MissingCollectionError
 from .datastore import Artifact, Datastore, datastore_for
 from .errors import FsError, UsageError
 from .layout import DataIdValue
+from .listing import DatasetRows
 
 __all__ = [
     "Artifact",
     "DatasetEntry",
     "DatasetTypeInfo",
+    "Group",
     "RegistryUnavailableError",
     "RepoIndex",
     "check_collections",
@@ -53,6 +57,7 @@ __all__ = [
     "database_location",
     "open_butler",
     "registry_location",
+    "state_since",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -84,6 +89,16 @@ class DatasetTypeInfo:
     storage_class: str
     is_calibration: bool
 
+
+Group = tuple[str, Sequence[DataIdValue]] | None
+"""Sibling values of one dimension (``(dimension, sorted values)``) a query is narrowed to."""
+
+INGEST_MARGIN = 600.0
+"""Seconds before a state check that an ingest may still be committing with an earlier date.
+
+A Butler stamps ``ingest_date`` with the inserting client's clock when the insert
+starts; the check counts datasets ingested since ``INGEST_MARGIN`` before its own time,
+so a slow insert or a client clock that lags by less than this is still seen."""
 
 _UNIX_EPOCH_JD = 2440587.5
 _TAI_MINUS_UTC = 37.0  # seconds, constant since 2017-01-01, before any Gen3 repository existed
@@ -165,8 +180,8 @@ class RepoIndex:
         """Return where artifacts come from: datastore roots, or a Butler server's URL."""
         return self.datastore.roots()
 
-    def count(self, dataset_type: str, fixed: Mapping[str, DataIdValue]) -> int:
-        """Return about how many datasets lie under a partial data ID.
+    def count(self, dataset_type: str, fixed: Mapping[str, DataIdValue], group: Group = None) -> int:
+        """Return about how many datasets lie under a partial data ID (and ``group``).
 
         An upper bound is good enough: it only decides whether a directory's
         whole subtree is fetched at once.
@@ -174,7 +189,8 @@ class RepoIndex:
         with self._query() as butler, butler.query() as query:
             query = query.join_dataset_search(dataset_type, self.collections)
             info = self._types[dataset_type]
-            return query.data_ids(info.dimensions).where(fixed, self.where).count(exact=False)
+            results = _narrow(query.data_ids(info.dimensions).where(fixed, self.where), group)
+            return results.count(exact=False)
 
     def distinct(
         self, dataset_type: str, fixed: Mapping[str, DataIdValue], dimension: str
@@ -260,6 +276,135 @@ class RepoIndex:
                     return [ref.id]
         return []
 
+    def rows(
+        self,
+        dataset_type: str,
+        fixed: Mapping[str, DataIdValue],
+        group: Group = None,
+        *,
+        ingest_dates: bool = False,
+        max_rows: int | None = None,
+    ) -> DatasetRows | None:
+        """Return the datasets under a partial data ID (and ``group``) as columns.
+
+        Like `datasets`, without an object per dataset. ``ingest_dates`` also fetches each
+        dataset's ingest date, which the Butler converts to an astropy ``Time`` per row
+        (about as costly as the rest of the query together). With ``max_rows``, `None`
+        is returned as soon as more rows than that are found (no records are fetched).
+        """
+        info = self._types[dataset_type]
+        find_first = not (info.is_calibration and self._calibration_collections)
+        fields: Any = {"dataset_id", "run", *(["ingest_date"] if ingest_dates else [])}
+        id_key, run_key, date_key = (f"{dataset_type}.{f}" for f in ("dataset_id", "run", "ingest_date"))
+        dims = info.dimensions
+        values: list[list[DataIdValue]] = [[] for _ in dims]
+        ids: list[uuid.UUID] = []
+        runs: list[str] = []
+        dates: list[float] | None = [] if ingest_dates else None
+        seen: set[uuid.UUID] = set()
+        with self._query() as butler, butler.query() as query:
+            query = query.join_dataset_search(dataset_type, self.collections)
+            results = query.general(dims, dataset_fields={dataset_type: fields}, find_first=find_first)
+            results = _narrow(results.where(fixed, self.where), group)
+            if max_rows is not None:
+                results = results.limit(max_rows + 1)
+            for row in results:
+                dataset_id = row[id_key]
+                if dataset_id in seen:  # a dataset certified for several validity ranges
+                    continue
+                seen.add(dataset_id)
+                ids.append(dataset_id)
+                runs.append(row[run_key])
+                for column, dim in zip(values, dims, strict=True):
+                    column.append(row[dim])
+                if dates is not None:
+                    dates.append(_as_timestamp(row[date_key]))
+            if max_rows is not None and len(ids) > max_rows:
+                return None
+            found = self.datastore.artifacts(ids)
+        artifacts = [[(a.store, a) for a in found.get(i, ())] for i in ids]
+        return DatasetRows(dims, values, ids, runs, dates, artifacts)
+
+    def artifact(
+        self,
+        dataset_id: uuid.UUID,
+        store: int,
+        path: str,
+        size: int,
+        component: str | None,
+        checksum: str | None,
+    ) -> Artifact:
+        """Return an `Artifact` of a dataset recorded as ``path`` (`Artifact.store` ``store``)."""
+        return self.datastore.artifact(dataset_id, store, path, size, component, checksum)
+
+    def artifact_uri(self, dataset_id: uuid.UUID, store: int, path: str, component: str | None) -> str:
+        """Return the URI of an artifact of a dataset recorded as ``path`` (`Artifact.store` ``store``)."""
+        return self.artifact(dataset_id, store, path, -1, component, None).uri
+
+    def signature(self) -> dict[str, Any]:
+        """Return what identifies this mount's query: repository, search path, types, ``where``.
+
+        Two mounts with the same signature show the same datasets whenever the state
+        of the collections (`state`) is the same too.
+        """
+        return {
+            "repo": os.path.realpath(self.repo) if os.path.exists(self.repo) else self.repo,
+            "datastores": self.datastore_roots(),
+            "collections": list(self.collections),
+            "where": self.where,
+            "dataset_types": {
+                name: [list(t.dimensions), t.storage_class, t.is_calibration]
+                for name, t in self._types.items()
+            },
+        }
+
+    def state(self, dataset_type: str, since: float | None = None) -> str:
+        """Return a token that changes whenever the datasets of a type in the collections change.
+
+        A collection query and, per collection holding the type, a count and the IDs of
+        few datasets; no listing. See docs/SEMANTICS.md for what it detects. Compare
+        tokens made with the same ``since`` (the older token's, `state_since`):
+
+        * the search path, CHAINED collections flattened (a redefined chain);
+        * per RUN collection: how many datasets of the type it holds (a removal, an
+          addition), and a digest of the IDs of those ingested after ``since`` (default:
+          `INGEST_MARGIN` seconds ago): a removal together with an addition keeps the
+          count, but the new dataset's ingest date is after ``since``;
+        * per TAGGED or CALIBRATION collection: a digest of the IDs associated with it
+          (associating and certifying never change ingest dates).
+        """
+        import astropy.time
+
+        if since is None:
+            since = round(time.time() - INGEST_MARGIN, 3)
+        since_tai = astropy.time.Time(since, format="unix").tai
+        id_key = f"{dataset_type}.dataset_id"
+        collections: list[list[Any]] = []
+        with self._query() as butler:
+            infos = butler.collections.query_info(
+                self.collections, flatten_chains=True, include_summary=True
+            )
+            for info in infos:
+                entry: list[Any] = [info.name, info.type.name]
+                collections.append(entry)
+                if info.dataset_types is not None and dataset_type not in info.dataset_types:
+                    continue
+                with butler.query() as query:
+                    ids = query.join_dataset_search(dataset_type, [info.name]).general(
+                        [], dataset_fields={dataset_type: {"dataset_id"}}, find_first=False
+                    )
+                    if info.type == CollectionType.RUN:
+                        entry.append(ids.count(exact=True))
+                        ids = ids.where(
+                            f"{dataset_type}.ingest_date > butlerfs_since", bind={"butlerfs_since": since_tai}
+                        )
+                    digest = hashlib.sha1()
+                    found = sorted({row[id_key] for row in ids})
+                    for dataset_id in found:
+                        digest.update(dataset_id.bytes)
+                    entry += [len(found), digest.hexdigest()]
+        return json.dumps({"since": since, "collections": collections})
+
     def _find_calibration_collections(self) -> list[str]:
         infos = self._butler.collections.query_info(self.collections, flatten_chains=True)
         return [i.name for i in infos if i.type == CollectionType.CALIBRATION]
@@ -281,6 +426,29 @@ class RepoIndex:
     def close(self) -> None:
         """Release the Butler's database connections."""
         self._butler.close()
+
+
+def state_since(token: str) -> float | None:
+    """The ``since`` a `RepoIndex.state` token was made with (`None` if unreadable)."""
+    try:
+        return float(json.loads(token)["since"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _narrow(results: Any, group: Group) -> Any:
+    """Constrain query results to one dimension's values in ``group``."""
+    if not group:
+        return results
+    dim, values = group
+    if all(type(v) is int for v in values):
+        # Sibling values are contiguous in sorted order: a range is one clause, whatever
+        # their number. Values added since the siblings were listed fall in it too.
+        return results.where(
+            f"{dim} >= butlerfs_lo AND {dim} <= butlerfs_hi",
+            bind={"butlerfs_lo": min(values), "butlerfs_hi": max(values)},
+        )
+    return results.where(f"{dim} IN (butlerfs_values)", bind={"butlerfs_values": list(values)})
 
 
 def open_butler(repo: str, *, writeable: bool = False) -> Butler:

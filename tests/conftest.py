@@ -63,6 +63,18 @@ def require_fuse() -> None:
     require_tool("fusermount3")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Mounts keep their listing index under $XDG_CACHE_HOME: never the user's ~/.cache in tests."""
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
+
+
 DEFAULTS = "LSSTCam-imSim/defaults"
 
 

@@ -31,9 +31,10 @@ def _example_rows() -> list[list[str]]:
 def test_semantics_examples_match_the_layout():
     rows = _example_rows()
     assert len(rows) >= 8
-    for dataset_type, data_id, component, extension, path in rows:
+    for dataset_type, data_id, component, extension, path, flat in rows:
         items = list(json.loads(data_id).items())
         assert dataset_path(dataset_type, items, extension, component or None) == path
+        assert dataset_path(dataset_type, items, extension, component or None, flat=True) == flat
         assert re.fullmatch(r"[A-Za-z0-9._/-]+", path), path
 
 

@@ -263,3 +263,28 @@ def test_libfuse_2_is_refused_with_a_clear_message(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode != 0
     assert "butlerfs needs libfuse 3, but libfuse.so.2 is libfuse 2." in result.stderr, result.stderr
+
+
+def test_flat_layout_and_a_remount_listed_from_the_index(demo, mountpoint, tmp_path):
+    from conftest import require_fuse
+
+    import butlerfs
+
+    require_fuse()
+    options = dict(collections=[DEFAULTS], layout="flat", mtime="listed", cache_dir=str(tmp_path / "cache"))
+
+    def walk(m) -> tuple[dict[str, tuple[int, float]], dict]:
+        root = Path(m.mountpoint)
+        files = {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime) for p in _files(root)}
+        return files, json.loads(os.getxattr(m.mountpoint, "user.butlerfs.stats"))
+
+    with butlerfs.mount(demo.root, str(mountpoint), **options) as m:
+        first, stats = walk(m)
+    assert stats["loads_registry"] >= len(demo.dataset_counts) and not stats.get("loads_index")
+    calexps = [p for p in first if p.startswith("calexp/")]
+    assert len(calexps) == demo.dataset_counts["calexp"]
+    assert all(p.count("/") == 3 for p in calexps), "calexp/instrument_I/detector_D/FILE"
+    with butlerfs.mount(demo.root, str(mountpoint), **options) as m:
+        again, stats = walk(m)
+    assert again == first, "the same names, sizes and mtimes"
+    assert not stats.get("loads_registry") and stats["loads_index"] >= len(demo.dataset_counts)

@@ -250,11 +250,13 @@ def replace_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
 INSTRUMENT = "BenchCam"
 
 
-def new_repo(repo: Path, datastore_root: str | None = None) -> Any:
+def new_repo(repo: Path, datastore_root: str | None = None, registry: str | None = None,
+             namespace: str | None = None) -> Any:
     """Make a repository of `ButlerfsFile` datasets holding instrument `INSTRUMENT`.
 
     Returns the writeable Butler; ``datastore_root`` (e.g. an ``s3://`` URI) moves the
-    datastore out of the repository.
+    datastore out of the repository; ``registry`` (a ``postgresql://`` URL) and
+    ``namespace`` (its schema) put the registry in a database server.
     """
     from lsst.daf.butler import Butler, Config
 
@@ -263,6 +265,8 @@ def new_repo(repo: Path, datastore_root: str | None = None) -> Any:
     config = storage_class_config()
     if datastore_root is not None:
         config["datastore"]["root"] = datastore_root
+    if registry is not None:
+        config["registry"] = {"db": registry, **({"namespace": namespace} if namespace else {})}
     # forceConfigRoot would put an outside datastore root back inside the repository.
     Butler.makeRepo(str(repo), config=Config(config), forceConfigRoot=datastore_root is None)
     butler = Butler.from_config(str(repo), writeable=True)

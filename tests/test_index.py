@@ -1,0 +1,197 @@
+"""Listings at scale without FUSE: the on-disk index, change detection, the memory limit, the flat layout."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import DEFAULTS
+
+from butlerfs.registry import RepoIndex
+from butlerfs.source import ButlerSource, Directory, File
+
+INSTRUMENT = "LSSTCam-imSim"
+
+
+def _walk(source: ButlerSource, path: str = "/") -> dict[str, File]:
+    found: dict[str, File] = {}
+    for name, node in source.listdir(path):
+        child = f"{path.rstrip('/')}/{name}"
+        if isinstance(node, File):
+            found[child] = node
+        else:
+            found.update(_walk(source, child))
+    return found
+
+
+def _source(repo: str, collections: list[str], index_dir: Path | None, **kwargs) -> ButlerSource:
+    types = kwargs.pop("dataset_types", ())
+    return ButlerSource(RepoIndex(repo, collections, types), index_dir=str(index_dir) if index_dir else None,
+                        **kwargs)
+
+
+def _listing(repo: str, collections: list[str], index_dir: Path | None, **kwargs) -> tuple[dict, dict]:
+    """Walk a fresh source; return ``{path: (dataset id, run, size)}`` and its counters."""
+    source = _source(repo, collections, index_dir, **kwargs)
+    try:
+        files = {p: (f.dataset.id, f.dataset.run, f.size) for p, f in _walk(source).items()}
+        return files, source.memory()
+    finally:
+        source.close()
+
+
+def test_remount_lists_from_the_index_without_listing_queries(demo, tmp_path, monkeypatch):
+    index = tmp_path / "index"
+    first, counters = _listing(demo.root, [DEFAULTS], index, subtree_limit=3)
+    assert counters["loads_registry"] > 1 and not counters.get("loads_index")
+    again, counters = _listing(demo.root, [DEFAULTS], index, subtree_limit=3)
+    assert again == first
+    assert not counters.get("loads_registry") and counters["loads_index"] > 1
+    # An unchanged state is renewed (a recent "since"); the stored listings stay valid.
+    monkeypatch.setattr("butlerfs.source.SINCE_RENEWAL", 0.0)
+    for _ in range(2):
+        again, counters = _listing(demo.root, [DEFAULTS], index, subtree_limit=3)
+        assert again == first and not counters.get("loads_registry")
+    # Another query (here another subtree limit) has its own index.
+    _, counters = _listing(demo.root, [DEFAULTS], index, subtree_limit=4)
+    assert counters["loads_registry"] > 1
+
+
+def test_memory_limit_drops_pieces_and_loads_them_again(demo, tmp_path):
+    index = tmp_path / "index"
+    expected, _ = _listing(demo.root, [DEFAULTS], None)
+    source = _source(demo.root, [DEFAULTS], index, subtree_limit=2, memory_limit=1)
+    try:
+        files = {p: (f.dataset.id, f.dataset.run, f.size) for p, f in _walk(source).items()}
+        counters = source.memory()
+        assert files == expected
+        assert counters["evictions"] > 10
+        assert counters["listing_bytes"] < 20_000, "only the newest piece (and the small levels) stay"
+        again = {p: (f.dataset.id, f.dataset.run, f.size) for p, f in _walk(source).items()}
+        assert again == expected
+        assert source.memory()["loads_index"] > 10, "dropped pieces come back from the index"
+    finally:
+        source.close()
+
+
+def test_flat_layout_drops_the_last_directory(demo):
+    default, _ = _listing(demo.root, [DEFAULTS], None)
+    flat, _ = _listing(demo.root, [DEFAULTS], None, layout="flat", subtree_limit=2)
+    folded = {}
+    for path, value in default.items():
+        parts = path.split("/")
+        if len(parts) > 3:  # a type with dimensions: drop the last dimension's directory
+            del parts[-2]
+        folded["/".join(parts)] = value
+    assert flat == folded
+    source = _source(demo.root, [DEFAULTS], None, layout="flat")
+    try:
+        for path in list(flat)[:20]:
+            assert isinstance(source.lookup(path), File)
+            assert isinstance(source.lookup(path.rsplit("/", 1)[0]), Directory)
+    finally:
+        source.close()
+
+
+def test_a_damaged_index_is_discarded(demo, tmp_path, caplog):
+    index = tmp_path / "index"
+    expected, _ = _listing(demo.root, [DEFAULTS], index)
+    (db,) = index.glob("*.sqlite")
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE nodes SET data = X'42465343000000'")
+    with caplog.at_level(logging.WARNING, logger="butlerfs.source"):
+        again, counters = _listing(demo.root, [DEFAULTS], index)
+    assert again == expected and counters["loads_registry"] >= 1
+    assert "Discarding a damaged listing" in caplog.text
+
+
+@pytest.fixture
+def scratch(demo, tmp_path):
+    """A dataset type and collections of our own in the demo repository, removed afterwards."""
+    from lsst.daf.butler import Butler, CollectionType, DatasetType
+
+    from butlerfs.formatter import put_source_extension
+
+    butler = Butler.from_config(demo.root, writeable=True)
+    plain = DatasetType("scaleTest", ["instrument", "detector"], "ButlerfsFile", universe=butler.dimensions)
+    dims = ["instrument", "detector"]
+    calib = DatasetType("scaleCalib", dims, "ButlerfsFile", universe=butler.dimensions, isCalibration=True)
+    for dataset_type in (plain, calib):
+        butler.registry.registerDatasetType(dataset_type)
+    runs: list[str] = []
+    others: list[str] = []
+
+    def run(name: str) -> str:
+        butler.collections.register(name)
+        runs.append(name)
+        return name
+
+    def other(name: str, kind: CollectionType) -> str:
+        butler.collections.register(name, kind)
+        others.append(name)
+        return name
+
+    def put(dataset_type, run_name: str, detector: int, text: str):
+        payload = tmp_path / f"{len(text)}-{detector}.txt"
+        payload.write_text(text)
+        with put_source_extension(payload) as uri:
+            return butler.put(uri, dataset_type, instrument=INSTRUMENT, detector=detector, run=run_name)
+
+    yield SimpleNamespace(butler=butler, plain=plain, calib=calib, run=run, other=other, put=put,
+                          index=tmp_path / "index")
+    for name in others:
+        butler.registry.removeCollection(name)
+    butler.removeRuns(runs)
+    for dataset_type in (plain, calib):
+        butler.registry.removeDatasetType(dataset_type.name)
+
+
+def test_new_and_removed_datasets_invalidate_the_index(demo, scratch):
+    run = scratch.run("u/scale/run")
+    scratch.put(scratch.plain, run, 1, "one")
+    first, _ = _listing(demo.root, [run], scratch.index, dataset_types=["scaleTest"])
+    assert len(first) == 1
+    ref = scratch.put(scratch.plain, run, 2, "two")
+    again, counters = _listing(demo.root, [run], scratch.index, dataset_types=["scaleTest"])
+    assert len(again) == 2 and counters["loads_registry"] >= 1
+    # One removed and one added: the count is the same, the ingest dates are not.
+    scratch.butler.pruneDatasets([ref], purge=True, unstore=True)
+    scratch.put(scratch.plain, run, 0, "zero")
+    third, _ = _listing(demo.root, [run], scratch.index, dataset_types=["scaleTest"])
+    assert sorted(p.rsplit("_", 1)[-1] for p in third) == ["0.txt", "1.txt"]
+
+
+def test_redefined_chain_invalidates_the_index(demo, scratch):
+    from lsst.daf.butler import CollectionType
+
+    old, new = scratch.run("u/scale/old"), scratch.run("u/scale/new")
+    scratch.put(scratch.plain, old, 1, "old")
+    scratch.put(scratch.plain, new, 1, "newer")
+    chain = scratch.other("u/scale/chain", CollectionType.CHAINED)
+    scratch.butler.collections.redefine_chain(chain, [old])
+    first, _ = _listing(demo.root, [chain], scratch.index, dataset_types=["scaleTest"])
+    assert [v[1] for v in first.values()] == [old]
+    scratch.butler.collections.redefine_chain(chain, [new, old])
+    again, _ = _listing(demo.root, [chain], scratch.index, dataset_types=["scaleTest"])
+    assert [v[1] for v in again.values()] == [new]
+
+
+def test_certify_and_decertify_invalidate_the_index(demo, scratch):
+    from lsst.daf.butler import CollectionType, Timespan
+
+    run = scratch.run("u/scale/calibs")
+    a = scratch.put(scratch.calib, run, 1, "a")
+    b = scratch.put(scratch.calib, run, 2, "b")
+    calibs = scratch.other("u/scale/calib", CollectionType.CALIBRATION)
+    forever = Timespan(None, None)
+    scratch.butler.registry.certify(calibs, [a], forever)
+    first, _ = _listing(demo.root, [calibs], scratch.index, dataset_types=["scaleCalib"])
+    assert [v[0] for v in first.values()] == [a.id]
+    # As many certified as before, but another dataset: no count or ingest date tells them apart.
+    scratch.butler.registry.certify(calibs, [b], forever)
+    scratch.butler.registry.decertify(calibs, "scaleCalib", forever, dataIds=[a.dataId])
+    again, _ = _listing(demo.root, [calibs], scratch.index, dataset_types=["scaleCalib"])
+    assert [v[0] for v in again.values()] == [b.id]

@@ -1,0 +1,119 @@
+"""Columnar listings without a Butler: sorting, directories, names, the on-disk form."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+from butlerfs.layout import dataset_path
+from butlerfs.listing import Chunk, DatasetRows, candidate_values
+
+DIMS = ("instrument", "detector", "physical_filter")
+
+
+@dataclass
+class Art:
+    path: str
+    size: int
+    component: str | None = None
+    checksum: str | None = None
+
+
+def _rows(
+    data_ids: list[tuple[str, int, str]], *, components: tuple[str | None, ...] = (None,)
+) -> DatasetRows:
+    ids = [uuid.uuid4() for _ in data_ids]
+    arts = [
+        [(0, Art(f"flat/{i}/{c or 'whole'}.fits", 100 + i, c, "sha" if i == 0 else None)) for c in components]
+        for i in range(len(data_ids))
+    ]
+    values = [[d[k] for d in data_ids] for k in range(3)]
+    return DatasetRows(DIMS, values, ids, ["run/a"] * len(ids), None, arts)
+
+
+DATA_IDS = [
+    ("LATISS", 3, "SDSSr_65mm~empty"),
+    ("LATISS", 0, "u_sim_1.4"),
+    ("LATISS", 0, "g"),
+    ("HSC", 12, "HSC-R2"),
+    ("LATISS", 0, "g"),  # a second dataset with the same data ID (a calibration)
+]
+
+
+def _names(chunk: Chunk, *, flat: bool = False) -> dict[str, int]:
+    """Every file path of a chunk, walking it as the source does."""
+    found: dict[str, int] = {}
+
+    def walk(prefix: str, column: int, lo: int, hi: int) -> None:
+        last = len(DIMS) - (1 if flat else 0)
+        if column == last:
+            for name, art, _ in chunk.files(lo, hi):
+                assert name not in found
+                found[f"{prefix}/{name}"] = art
+                assert chunk.find_file(lo, hi, name) is not None
+            return
+        for name, start, stop in chunk.subdirectories(column, lo, hi):
+            walk(f"{prefix}/{name}", column + 1, start, stop)
+
+    walk("flat", 0, 0, len(chunk))
+    return found
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_every_dataset_gets_its_layout_path(flat):
+    chunk = Chunk.build("flat", (), _rows(DATA_IDS), listed_at=1.0)
+    paths = _names(chunk, flat=flat)
+    unique = [d for d in DATA_IDS if DATA_IDS.count(d) == 1]
+    for d in unique:
+        assert dataset_path("flat", list(zip(DIMS, d, strict=True)), ".fits", flat=flat) in paths
+    # The two datasets sharing a data ID are told apart by a UUID prefix.
+    shared = dataset_path("flat", list(zip(DIMS, DATA_IDS[2], strict=True)), ".fits", flat=flat)
+    stem = shared.removesuffix(".fits")
+    twins = [p for p in paths if p.startswith(stem + "-")]
+    assert len(twins) == 2 and all(len(p) == len(shared) + 9 for p in twins)
+    assert len(paths) == len(DATA_IDS)
+    assert all(p.endswith(".fits") for p in paths)
+
+
+def test_components_and_rows_of_a_directory():
+    rows = _rows(DATA_IDS[:3], components=("image", "mask"))
+    chunk = Chunk.build("calexp", (("instrument", "LATISS"),), rows, listed_at=1.0)
+    # Columns start below the fixed instrument.
+    assert [name for name, _, _ in chunk.subdirectories(0, 0, len(chunk))] == ["detector_0", "detector_3"]
+    lo, hi = chunk.rows_with(0, 0, len(chunk), 0)
+    assert hi - lo == 2
+    names = [name for name, _, _ in chunk.files(lo, hi)]
+    assert len(names) == 4 and all(n.startswith(("calexp.image_", "calexp.mask_")) for n in names)
+    start, stop = chunk.rows_with(0, 0, len(chunk), 7)
+    assert start == stop
+
+
+def test_on_disk_form_round_trips_and_refuses_garbage():
+    chunk = Chunk.build("flat", (), _rows(DATA_IDS), listed_at=12.5)
+    back = Chunk.from_bytes(chunk.to_bytes())
+    assert _names(back) == _names(chunk)
+    assert back.checksums == chunk.checksums and back.listed_at == 12.5
+    for row in range(len(chunk)):
+        assert back.dataset_id(row) == chunk.dataset_id(row)
+        assert back.data_id(row) == chunk.data_id(row)
+    blob = chunk.to_bytes()
+    for bad in (b"", b"BFSC", blob[:20], blob[:8] + b"\0" * 30, b"XXXX" + blob[4:]):
+        with pytest.raises(ValueError):
+            Chunk.from_bytes(bad)
+
+
+def test_nbytes_is_about_a_hundred_bytes_per_dataset():
+    data_ids = [("LSSTCam", d, f"v{v}") for d in range(10) for v in range(100)]
+    chunk = Chunk.build("calexp", (), _rows(data_ids), listed_at=1.0)
+    assert chunk.nbytes / len(chunk) < 200
+
+
+def test_candidate_values_read_the_last_value_back():
+    values = {"u_sim_1.4", "g", "SDSSr_65mm-x7eempty"}
+    name = "flat_LATISS_0_u_sim_1.4.fits"
+    assert list(candidate_values(name, False, lambda v: v in values)) == ["u_sim_1.4"]
+    named = "calexp_LSSTCam_42_733724-0a1b2c3d.fits"
+    assert list(candidate_values(named, True, lambda v: v == 733724)) == [733724]
+    assert list(candidate_values("calexp_LSSTCam_42.fits", True, lambda v: False)) == []
