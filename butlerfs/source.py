@@ -310,7 +310,9 @@ class ButlerSource:
                 raise FsError(errno.ENOTDIR, f"not a directory: {path}")
             child = self._child(node, name)
             if child is None and self._stale(node):
-                node = self._revalidated(node)
+                # A name missing from a stale listing may exist now: with the registry down,
+                # that is EIO, not ENOENT.
+                node = self._revalidated(node, keep_stale=False)
                 child = self._child(node, name)
             if child is None:
                 raise not_found(path)
@@ -501,8 +503,12 @@ class ButlerSource:
             return False
         return self._clock() - node.slot.checked_at > self.refresh
 
-    def _revalidated(self, node: Directory) -> Directory:
-        """Check a stale directory's piece against the registry; return it as now listed."""
+    def _revalidated(self, node: Directory, *, keep_stale: bool = True) -> Directory:
+        """Check a stale directory's piece against the registry; return it as now listed.
+
+        With ``keep_stale``, a directory listed before is returned as it was when the
+        registry cannot be reached (a listing); else that raises `RegistryUnavailableError`.
+        """
         assert node.state is not None and node.slot is not None
         slot = node.slot
         with self._lock:
@@ -511,7 +517,7 @@ class ButlerSource:
                 try:
                     self._check_state(state, force=True)
                 except RegistryUnavailableError:
-                    if slot.node is None:
+                    if slot.node is None or not keep_stale:
                         raise
                     # The registry is down: a directory listed before keeps its last listing.
                     return node
