@@ -339,6 +339,9 @@ def test_failing_data_id_keeps_workspace_others_ingest_then_rerun_failed(repo, w
             ws = Path(m["workspace"])
             assert (ws / "stderr.txt").read_text() == "boom\n" and (ws / "upper" / "out.txt").exists()
             assert m["undeclared"] == ["out.txt"] and m["outputs"] == []
+            # Its owner can browse and delete it with plain tools (overlayfs's work/work is 000).
+            unreadable = [d for d, _, _ in os.walk(ws) if os.stat(d).st_mode & 0o700 != 0o700]
+            assert not unreadable, unreadable
         else:
             assert m["status"] == "ok"
     assert "exit status 3: boom" in result.stdout

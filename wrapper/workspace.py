@@ -375,6 +375,20 @@ class Workspace:
         finally:
             if mode is OverlayMode.FUSE:
                 self._unmount(mode)
+            if mode is not OverlayMode.LINKS and not os.path.ismount(self.merged):
+                self._empty_work()
+
+    def _empty_work(self) -> None:
+        """Empty the overlay's scratch directory once no overlay uses it.
+
+        overlayfs leaves ``work/work`` with mode 000: a kept workspace must stay browsable
+        and deletable by its owner with plain ``find`` and ``rm -rf``.
+        """
+        for child in list(self.work.iterdir()):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, onexc=_force_remove)
+            else:
+                child.unlink(missing_ok=True)
 
     def changed_files(self, staging: Staging) -> list[str]:
         """Return what the program created or changed, relative to its working directory.
