@@ -37,6 +37,7 @@ import json
 import os
 import resource
 import signal
+import time
 import sys
 
 PR_SET_PDEATHSIG = 1
@@ -75,10 +76,14 @@ def descendants(root: int) -> list[int]:
 def command(pid: int) -> str:
     """Return a process's command line, or its name, for the record."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as stream:
-            text = stream.read().replace(b"\0", b" ").strip().decode(errors="replace")
-        if text:
-            return text[:500]
+        # A process in the middle of execve has no command line for an instant: look again
+        # briefly before settling for its name (``nohup`` when it is about to become ``sleep``).
+        for _ in range(20):
+            with open(f"/proc/{pid}/cmdline", "rb") as stream:
+                text = stream.read().replace(b"\0", b" ").strip().decode(errors="replace")
+            if text:
+                return text[:500]
+            time.sleep(0.0005)
         with open(f"/proc/{pid}/comm", "rb") as stream:
             return stream.read().strip().decode(errors="replace")
     except OSError:
