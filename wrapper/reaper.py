@@ -37,8 +37,8 @@ import json
 import os
 import resource
 import signal
-import time
 import sys
+import time
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
