@@ -8,7 +8,13 @@ covers is the plan of the artifact's `RemoteReader`, which watches its reads:
   header read fetches a block or two, whatever the artifact's size); once reads keep
   jumping, each miss fetches an aligned chunk sized so that its extra bytes cost no more
   than a quarter of a request's first-byte latency (no extra bytes against S3, chunks
-  of megabytes against a server whose every GET is slow);
+  of megabytes against a server whose every GET is slow); once a reader has jumped
+  `_FILL_AFTER_JUMPS` times with reads of at least `_FILL_MIN_READ` bytes in an artifact
+  that fits the disk cache comfortably (at most `Fetcher.fill_limit`), the rest of the
+  artifact is fetched in the background as read-ahead parts, behind the reads that wait:
+  a program that samples an image at random soon reads it from disk instead of paying a
+  round trip per read (s3fs fetches every file whole from its first read). Header reads,
+  even a walk through every HDU's header, read a few KiB per jump and never trigger it;
 - reads that follow each other grow a read-ahead window, quadrupling from 1 MiB up to
   `Fetcher.max_window`, fetched as parallel GETs whose size grows with the window up
   to a part size at which the first-byte latency costs a quarter of a part's time
@@ -57,6 +63,9 @@ _FAILED_RETRY_WINDOW = 1.0  # seconds during which the kernel's retry of a faile
 _DEMAND, _AHEAD = 0, 1
 _DISK_AHEAD = 32  # cached blocks a sequential reader has read from disk ahead of it (8 MiB)
 _DISK_THREADS = 4
+_FILL_AFTER_JUMPS = 2  # large random reads of one artifact before the rest of it is fetched behind them
+_FILL_MIN_READ = 64 * 1024  # a header walk's reads (the kernel's 16 KiB or so per jump) stay below
+_FILL_LIMIT = 1 << 30  # largest artifact fetched whole behind random reads (and 1/8 of the cache)
 
 
 class Store(Protocol):
@@ -126,6 +135,8 @@ class _Part:
     last: int
     priority: int
     seq: int
+    follows_reader: bool = True
+    """Whether the GET streams only as far as its reader's window (not a fill's parts)."""
 
     def __lt__(self, other: _Part) -> bool:
         return (self.priority, self.seq) < (other.priority, other.seq)
@@ -167,6 +178,10 @@ class Fetcher:
     memory_blocks : `int`, optional
         Blocks kept in memory (fetched ahead, or read from disk); by default a whole
         window and two parts more.
+    fill_limit : `int`, optional
+        Largest artifact fetched whole behind a reader that keeps jumping about; by
+        default 1 GiB or an eighth of the disk cache, whichever is smaller; 0 never
+        (nor without a disk cache).
     """
 
     def __init__(
@@ -179,6 +194,7 @@ class Fetcher:
         small_object: int = 2 * _MIB,
         max_window: int = 128 * _MIB,
         memory_blocks: int | None = None,
+        fill_limit: int | None = None,
     ) -> None:
         self.store = store
         self.cache = cache
@@ -187,6 +203,12 @@ class Fetcher:
         self.small_object = small_object
         self.max_window = max_window
         self.estimate = _Estimate()
+        if cache is None:
+            self.fill_limit = 0
+        else:
+            self.fill_limit = min(_FILL_LIMIT, cache.limit // 8) if fill_limit is None else fill_limit
+        self._filling: set[str] = set()
+        """Keys whose rest is being fetched behind random reads (once per mount)."""
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._queue: list[_Part] = []
@@ -255,6 +277,19 @@ class Fetcher:
         latency = obj.latency if obj.latency is not None else self.estimate.latency
         return _pow2_blocks(min(_MAX_CHUNK, latency * self.estimate.rate / 4))
 
+    def fill(self, obj: RemoteObject) -> None:
+        """Fetch the rest of ``obj`` as read-ahead parts, once, if it fits `fill_limit`."""
+        if not 0 < obj.size <= self.fill_limit:
+            return
+        with self._lock:
+            if obj.key in self._filling or self._closed:
+                return
+            self._filling.add(obj.key)
+        _LOG.debug("random reads of %s: fetching the rest of it behind them", obj.key)
+        # Parts small enough to keep every fetch thread busy: a fill has no reader to follow.
+        parts = min(self.part_blocks(obj), _pow2_blocks(max(_MIN_PART, obj.size / self.concurrency)))
+        self.request(obj, 0, obj.blocks - 1, part_blocks=parts, follows_reader=False)
+
     # Scheduling
 
     def request(
@@ -267,6 +302,7 @@ class Fetcher:
         demand: tuple[int, int] | None = None,
         aligned: bool = True,
         limit: int | None = None,
+        follows_reader: bool = True,
     ) -> None:
         """Start fetching the blocks of ``[first, last]`` that are neither held nor on their way.
 
@@ -285,6 +321,8 @@ class Fetcher:
             Split GETs at multiples of ``part_blocks`` (else only by length).
         limit : `int`, optional
             Last block the GETs may deliver before the reader comes closer; default ``last``.
+        follows_reader : `bool`, optional
+            With `False`, the GETs go on after every reader of the artifact has closed it.
         """
         part_blocks = part_blocks or self.part_blocks(obj)
         with self._lock:
@@ -301,7 +339,9 @@ class Fetcher:
             ]
             for run in _runs(missing, part_blocks, aligned):
                 urgent = demand is not None and run[0] <= demand[1] and run[-1] >= demand[0]
-                part = _Part(obj, run[0], run[-1], _DEMAND if urgent else _AHEAD, next(self._seq))
+                part = _Part(
+                    obj, run[0], run[-1], _DEMAND if urgent else _AHEAD, next(self._seq), follows_reader
+                )
                 for index in run:
                     self._slots[(obj.key, index)] = _Slot(part)
                 heapq.heappush(self._queue, part)
@@ -357,7 +397,7 @@ class Fetcher:
         try:
             with abandon_when(lambda: part.priority == _AHEAD and self._nobody_waits(part, index)):
                 while index <= part.last:
-                    if not self._wait_for_reader(obj, index):
+                    if part.follows_reader and not self._wait_for_reader(obj, index):
                         raise FsError(errno.EIO, "abandoned: the reader went elsewhere")
                     before = time.monotonic()
                     block = next(stream, None)
@@ -660,6 +700,7 @@ class RemoteReader:
         self._window = 0
         self._reads = 0
         self._jumps = 0
+        self._large_jumps = 0
         self._run_start = 0
 
     def read_into(self, buffer: memoryview, offset: int) -> int:
@@ -676,6 +717,7 @@ class RemoteReader:
             sequential = self._reads > 0 and abs(offset - self._next) <= _NEAR
             if not sequential:
                 self._jumps += self._reads > 0
+                self._large_jumps += self._reads > 0 and end - offset >= _FILL_MIN_READ
                 self._window, self._run_start = 0, offset
             elif end - self._run_start > 2 * BLOCK_SIZE:
                 # Only a run past its first two blocks grows a window: a FITS header read
@@ -683,7 +725,7 @@ class RemoteReader:
                 self._window = min(fetcher.window_limit(), max(_FIRST_WINDOW, self._window * 4))
             self._reads += 1
             self._next = max(self._next, end) if sequential else end
-            window, jumps = self._window, self._jumps
+            window, jumps, large_jumps = self._window, self._jumps, self._large_jumps
         _LOG.debug("read %s [%d, %d): window %d, jumps %d", obj.key, offset, end, window, jumps)
         if obj.size <= fetcher.small_object:
             fetcher.request(obj, 0, obj.blocks - 1, part_blocks=obj.blocks, demand=(first, last))
@@ -703,6 +745,8 @@ class RemoteReader:
             chunk = max(1, fetcher.chunk_blocks(obj))
             lo, hi = first // chunk * chunk, min(obj.blocks - 1, (last // chunk + 1) * chunk - 1)
             fetcher.request(obj, lo, hi, part_blocks=chunk, demand=(first, last))
+            if large_jumps >= _FILL_AFTER_JUMPS:
+                fetcher.fill(obj)
         else:
             fetcher.request(
                 obj, first, last, part_blocks=last - first + 1, demand=(first, last), aligned=False
