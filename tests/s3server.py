@@ -283,3 +283,61 @@ def running(*servers: MotoServer | TcpProxy) -> Iterator[None]:
     finally:
         for server in reversed(servers):
             server.stop()
+
+
+def make_fits(path: Path, shape: tuple[int, int], title: str) -> None:
+    """Write a valid int16 FITS image of zeros (``OBJECT = title``) without holding it in memory."""
+    from astropy.io import fits
+
+    header = fits.Header()
+    for key, value in (("SIMPLE", True), ("BITPIX", 16), ("NAXIS", 2)):
+        header[key] = value
+    header["NAXIS1"], header["NAXIS2"] = shape[1], shape[0]
+    header["OBJECT"] = title
+    data_size = shape[0] * shape[1] * 2
+    with open(path, "wb") as stream:
+        stream.write(header.tostring().encode())
+        stream.truncate(stream.tell() + data_size + (-data_size) % 2880)
+
+
+def put_extra_datasets(
+    root: str,
+    staging: Path,
+    run: str,
+    *,
+    big: tuple[str, tuple[int, int], str],
+    medium: tuple[str, int, tuple[int, ...]],
+    seed: int,
+) -> None:
+    """Put a big FITS and multi-block random files into the demo repository ``root``, in ``run``.
+
+    ``big`` is (dataset type, image shape, ``OBJECT``), for detector 0; ``medium`` is
+    (dataset type, size in bytes, detectors), their bytes from ``numpy``'s generator ``seed``.
+    """
+    import numpy as np
+    from lsst.daf.butler import Butler, DatasetType
+
+    from butlerfs.demo import INSTRUMENT
+    from butlerfs.formatter import put_source_extension
+
+    (big_type, shape, title), (medium_type, size, detectors) = big, medium
+    butler = Butler.from_config(root, writeable=True)
+    try:
+        butler.collections.register(run)
+        types = {}
+        for name in (medium_type, big_type):
+            dimensions = ["instrument", "detector"]
+            types[name] = DatasetType(name, dimensions, "ButlerfsFile", universe=butler.dimensions)
+            butler.registry.registerDatasetType(types[name])
+        rng = np.random.default_rng(seed)
+        for detector in detectors:
+            path = staging / f"medium{detector}.bin"
+            path.write_bytes(rng.bytes(size))
+            with put_source_extension(path) as uri:
+                butler.put(uri, types[medium_type], instrument=INSTRUMENT, detector=detector, run=run)
+        path = staging / "big.fits"
+        make_fits(path, shape, title)
+        with put_source_extension(path) as uri:
+            butler.put(uri, types[big_type], instrument=INSTRUMENT, detector=0, run=run)
+    finally:
+        butler.close()

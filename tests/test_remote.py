@@ -23,11 +23,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 from butlerserver import ButlerServer, ExpiringStorage
 from conftest import require, require_fuse, run_cli
-from s3server import MotoServer, free_port, running
+from s3server import MotoServer, free_port, put_extra_datasets, running
 from test_cli_errors import _assert_clean_error, _assert_not_mounted
 
 import butlerfs
@@ -62,43 +61,6 @@ class Remote:
     """The demo repository's URL on the Butler server."""
 
 
-def _put_extras(root: str, staging: Path) -> None:
-    """Multi-block random files and a 16 MiB FITS, in EXTRA_RUN."""
-    from astropy.io import fits
-    from lsst.daf.butler import Butler, DatasetType
-
-    from butlerfs.demo import INSTRUMENT
-    from butlerfs.formatter import put_source_extension
-
-    butler = Butler.from_config(root, writeable=True)
-    butler.collections.register(EXTRA_RUN)
-    types = {}
-    for name in (MEDIUM, BIG):
-        types[name] = DatasetType(
-            name, ["instrument", "detector"], "ButlerfsFile", universe=butler.dimensions
-        )
-        butler.registry.registerDatasetType(types[name])
-    rng = np.random.default_rng(11)
-    for detector in MEDIUM_DETECTORS:
-        path = staging / f"medium{detector}.bin"
-        path.write_bytes(rng.bytes(MEDIUM_SIZE))
-        with put_source_extension(path) as uri:
-            butler.put(uri, types[MEDIUM], instrument=INSTRUMENT, detector=detector, run=EXTRA_RUN)
-    big = staging / "big.fits"
-    header = fits.Header()
-    for key, value in (("SIMPLE", True), ("BITPIX", 16), ("NAXIS", 2)):
-        header[key] = value
-    header["NAXIS1"], header["NAXIS2"] = BIG_SHAPE[1], BIG_SHAPE[0]
-    header["OBJECT"] = "remote header read"
-    data_size = BIG_SHAPE[0] * BIG_SHAPE[1] * 2
-    with open(big, "wb") as stream:
-        stream.write(header.tostring().encode())
-        stream.truncate(stream.tell() + data_size + (-data_size) % 2880)
-    with put_source_extension(big) as uri:
-        butler.put(uri, types[BIG], instrument=INSTRUMENT, detector=0, run=EXTRA_RUN)
-    butler.close()
-
-
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory: pytest.TempPathFactory, demo) -> Iterator[Remote]:
     """Moto, the expiring proxy and a Butler server serving the S3 demo and the POSIX demo."""
@@ -129,7 +91,14 @@ def remote(tmp_path_factory: pytest.TempPathFactory, demo) -> Iterator[Remote]:
             )
             staging = tmp / "staging"
             staging.mkdir()
-            _put_extras(summary.root, staging)
+            put_extra_datasets(
+                summary.root,
+                staging,
+                EXTRA_RUN,
+                big=(BIG, BIG_SHAPE, "remote header read"),
+                medium=(MEDIUM, MEDIUM_SIZE, MEDIUM_DETECTORS),
+                seed=11,
+            )
             server = ButlerServer(
                 {"demo": f"{summary.root}/butler.yaml", "posix": f"{demo.root}/butler.yaml"},
                 moto.environ(endpoint=storage.endpoint),  # signed URLs point at the proxy

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REGISTRIES, require, require_fuse, require_root, require_tool, run_cli
-from s3server import ACCESS_KEY, FileS3Server, MotoServer, Snapshot, TcpProxy, running
+from s3server import ACCESS_KEY, FileS3Server, MotoServer, Snapshot, TcpProxy, put_extra_datasets, running
 from test_cli_errors import _assert_clean_error, _assert_not_mounted
 
 import butlerfs
@@ -62,51 +62,6 @@ class S3Repos:
     repo2_run: str
     snapshot: Snapshot
     """Local copy of the demo's objects (not the big FITS), for fault tests' servers."""
-
-
-def _make_fits(path: Path, shape: tuple[int, int]) -> None:
-    """Write a valid int16 FITS image of zeros without holding it in memory."""
-    from astropy.io import fits
-
-    header = fits.Header()
-    header["SIMPLE"] = True
-    header["BITPIX"] = 16
-    header["NAXIS"] = 2
-    header["NAXIS1"] = shape[1]
-    header["NAXIS2"] = shape[0]
-    header["OBJECT"] = "butlerfs large artifact"
-    data_size = shape[0] * shape[1] * 2
-    with open(path, "wb") as stream:
-        stream.write(header.tostring().encode())
-        stream.truncate(stream.tell() + data_size + (-data_size) % 2880)
-
-
-def _add_extra_datasets(root: str, staging: Path) -> None:
-    """Put a big FITS and multi-block random files into the demo repository (in S3)."""
-    from lsst.daf.butler import Butler, DatasetType
-
-    from butlerfs.demo import INSTRUMENT
-    from butlerfs.formatter import put_source_extension
-
-    butler = Butler.from_config(root, writeable=True)
-    butler.collections.register(EXTRA_RUN)
-    types = {}
-    for name in (BIG, MEDIUM):
-        types[name] = DatasetType(
-            name, ["instrument", "detector"], "ButlerfsFile", universe=butler.dimensions
-        )
-        butler.registry.registerDatasetType(types[name])
-    big = staging / "big.fits"
-    _make_fits(big, BIG_SHAPE)
-    with put_source_extension(big) as uri:
-        butler.put(uri, types[BIG], instrument=INSTRUMENT, detector=0, run=EXTRA_RUN)
-    rng = np.random.default_rng(7)
-    for detector in MEDIUM_DETECTORS:
-        path = staging / f"medium{detector}.bin"
-        path.write_bytes(rng.bytes(MEDIUM_SIZE))
-        with put_source_extension(path) as uri:
-            butler.put(uri, types[MEDIUM], instrument=INSTRUMENT, detector=detector, run=EXTRA_RUN)
-    butler.close()
 
 
 def _make_repo_in_s3(uri: str, db: Path, staging: Path) -> str:
@@ -162,7 +117,14 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Repos]:
         )
         staging = tmp / "staging"
         staging.mkdir()
-        _add_extra_datasets(demo.root, staging)
+        put_extra_datasets(
+            demo.root,
+            staging,
+            EXTRA_RUN,
+            big=(BIG, BIG_SHAPE, "butlerfs large artifact"),
+            medium=(MEDIUM, MEDIUM_SIZE, MEDIUM_DETECTORS),
+            seed=7,
+        )
         repo2 = f"s3://{BUCKET}/repo2/"
         repo2_run = _make_repo_in_s3(repo2, tmp / "repo2.sqlite3", staging)
         snapshot = Snapshot(tmp / "snapshot")
@@ -415,6 +377,50 @@ def test_concurrent_readers_fetch_each_range_once(s3, mountpoint, tmp_path):
         stats = _stats(m)
     assert all(r == expected for r in results)
     assert stats["bytes_fetched"] == MEDIUM_SIZE, stats
+
+
+def _pread_at(path: Path, offsets: list[int], length: int) -> list[bytes]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return [os.pread(fd, length, offset) for offset in offsets]
+    finally:
+        os.close(fd)
+
+
+def test_random_reads_bring_the_rest_of_the_artifact_behind_them(s3, mountpoint, tmp_path, cache_dir):
+    # Large reads that keep jumping: after the second jump the rest of the artifact comes
+    # in the background, each byte once (the reads' own blocks are not fetched again).
+    truth = Boto3Truth(s3.server.client())
+    with _mount(s3.demo.root, mountpoint, tmp_path, [EXTRA_RUN], dataset_types=[BIG]) as m:
+        (path,) = _files(Path(m.mountpoint, BIG))
+        size = path.stat().st_size
+        expected = truth(_uri(path))
+        offsets = [b * BLOCK_SIZE for b in (size // BLOCK_SIZE * f // 10 for f in (7, 2, 5))]
+        got = _pread_at(path, offsets, 256 * 1024)
+        assert got == [expected[o : o + 256 * 1024] for o in offsets]
+        stats = _settled_stats(m)
+        key = os.getxattr(path, "user.butler.dataset_id").decode()
+        assert len(_cache_blocks(cache_dir, key)) == -(-size // BLOCK_SIZE)
+        assert stats["bytes_fetched"] == size, stats
+        assert _read(path) == expected
+        assert _stats(m)["requests"] == stats["requests"]
+
+
+def test_a_walk_through_headers_does_not_fetch_the_artifact(s3, mountpoint, tmp_path, cache_dir):
+    # Small reads that jump about (a multi-extension FITS's headers, one after another)
+    # fetch around what they read, never the whole artifact behind them.
+    truth = Boto3Truth(s3.server.client())
+    with _mount(s3.demo.root, mountpoint, tmp_path, [EXTRA_RUN], dataset_types=[BIG]) as m:
+        (path,) = _files(Path(m.mountpoint, BIG))
+        size = path.stat().st_size
+        expected = truth(_uri(path))
+        offsets = [size * f // 10 // 2880 * 2880 for f in (0, 1, 3, 5, 7, 9)]
+        got = _pread_at(path, offsets, 2880)
+        assert got == [expected[o : o + 2880] for o in offsets]
+        _settled_stats(m)
+        key = os.getxattr(path, "user.butler.dataset_id").decode()
+    blocks = len(_cache_blocks(cache_dir, key))
+    assert 0 < blocks < size // BLOCK_SIZE // 2, blocks
 
 
 # The persistent cache
