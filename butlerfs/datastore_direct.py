@@ -39,22 +39,22 @@ class DirectDatastore(Datastore):
 
     def __init__(self, butler: DirectButler) -> None:
         self._butler = butler
-
-    def _stores(self) -> list[Any]:
-        datastore = self._butler._datastore
-        return [s for s in getattr(datastore, "datastores", [datastore]) if hasattr(s, "locationFactory")]
+        datastore = butler._datastore
+        chained = getattr(datastore, "datastores", [datastore])
+        self._stores = [s for s in chained if hasattr(s, "locationFactory")]
+        # One resolver per file datastore, shared by all its artifacts (a listing makes millions).
+        self._resolvers = [functools.partial(_resolve, s.locationFactory) for s in self._stores]
 
     def roots(self) -> list[str]:
         """Return the root URI of each file datastore."""
-        return [str(store.root) for store in self._stores()]
+        return [str(store.root) for store in self._stores]
 
     def artifacts(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, tuple[Artifact, ...]]:
         """Return the artifacts of datasets from the datastore's records, in bulk."""
         # The datastore's own export reads these rows too, but builds a
         # StoredFileInfo and a ResourcePath per row, which a listing does not need.
         found: dict[uuid.UUID, list[Artifact]] = {}
-        for number, store in enumerate(self._stores()):
-            resolve = functools.partial(_resolve, store.locationFactory)
+        for number, (store, resolve) in enumerate(zip(self._stores, self._resolvers, strict=True)):
             for batch in store._export_rows(list(ids)):
                 for row in batch:
                     found.setdefault(row["dataset_id"], []).append(
@@ -70,7 +70,6 @@ class DirectDatastore(Datastore):
                     )
         return {k: tuple(sorted(v, key=lambda a: a.component or "")) for k, v in found.items()}
 
-
     def artifact(
         self,
         dataset_id: uuid.UUID,
@@ -83,8 +82,7 @@ class DirectDatastore(Datastore):
         """Make an artifact again: its path resolved against file datastore number ``store``."""
         if store < 0:
             return Artifact(path, size, component, checksum, "", uri=path)
-        resolve = functools.partial(_resolve, self._stores()[store].locationFactory)
-        return Artifact(path, size, component, checksum, "", resolve=resolve, store=store)
+        return Artifact(path, size, component, checksum, "", resolve=self._resolvers[store], store=store)
 
 
 def _resolve(factory: Any, path: str) -> str:
