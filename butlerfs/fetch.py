@@ -260,8 +260,6 @@ class Fetcher:
 
     def window_limit(self) -> int:
         """Largest read-ahead window now: without a disk cache, the open files share the memory."""
-        if self.cache is not None:
-            return self.max_window
         with self._lock:
             readers = max(1, len(self._readers))
         return max(_FIRST_WINDOW, min(self.max_window, self._memory_blocks * BLOCK_SIZE // (2 * readers)))
