@@ -16,9 +16,10 @@ covers is the plan of the artifact's `RemoteReader`, which watches its reads:
   round trip per read (s3fs fetches every file whole from its first read). Header reads,
   even a walk through every HDU's header, read a few KiB per jump and never trigger it;
 - reads that follow each other grow a read-ahead window, quadrupling from 1 MiB up to
-  `Fetcher.max_window`, fetched as parallel GETs whose size grows with the window up
-  to a part size at which the first-byte latency costs a quarter of a part's time
-  (8 MiB at 20 ms and 100 MB/s per connection; larger against a slow-to-answer server).
+  `Fetcher.window_limit` (`Fetcher.max_window`, and the open files' share of memory),
+  fetched as parallel GETs whose size grows with the window up to a part size at which
+  the first-byte latency costs a quarter of a part's time (8 MiB at 20 ms and 100 MB/s
+  per connection; larger against a slow-to-answer server).
 
 Each GET streams: its blocks are handed to readers as they arrive, so a large GET
 costs no latency. GETs run on `concurrency` fetch threads, reads that wait first,
@@ -259,7 +260,12 @@ class Fetcher:
     # Planning helpers (the reader decides; these size what it asks for)
 
     def window_limit(self) -> int:
-        """Largest read-ahead window now: without a disk cache, the open files share the memory."""
+        """Largest read-ahead window now: the open files share the memory.
+
+        Read-ahead beyond it would be evicted before its reader came (to be read back
+        from disk, or fetched again without a disk cache), and more parts in flight than
+        the memory holds only compete for the connections and the cores.
+        """
         with self._lock:
             readers = max(1, len(self._readers))
         return max(_FIRST_WINDOW, min(self.max_window, self._memory_blocks * BLOCK_SIZE // (2 * readers)))

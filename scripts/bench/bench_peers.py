@@ -926,6 +926,10 @@ def main() -> int:
     args.size_mib = args.size_mib or (32 if args.quick else 256)
     args.part_mib = args.part_mib or (8 if args.quick else 64)
     args.smalls = args.smalls or (100 if args.quick else 1000)
+    # The labels say what ran.
+    SHAPES["random"] = f"{args.random_reads} random 256 KiB reads (fio)"
+    SHAPES["multi"] = f"{args.parts} concurrent readers of {args.parts} objects"
+    SHAPES["find"] = f"`find` + stat of {args.smalls} small objects"
     c.require_root_for_cold()
     for tool in ("s3fs", "rclone", "fio", "fusermount3"):
         if shutil.which(tool) is None:
