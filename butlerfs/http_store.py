@@ -25,12 +25,13 @@ import logging
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 
 import httpx2
 
 from .datastore import ServerAuth
 from .errors import FsError
-from .remote import RetryPolicy
+from .remote import Attempts, RetryPolicy, classify
 
 __all__ = ["HttpStore", "is_http"]
 
@@ -222,6 +223,66 @@ class HttpStore:
             self.bytes_fetched += len(data)
         return data
 
+    def iter_range(self, uri: str, start: int, end: int, chunk: int) -> Iterator[bytes]:
+        """Yield bytes ``[start, end)`` of an artifact in pieces of ``chunk`` bytes as they arrive.
+
+        One GET streams the range, as `remote.ObjectStore.iter_range` does: a broken
+        stream resumes where it stopped (with a fresh URL if the host refuses the one it
+        had), with the retry policy's back-off and a deadline counted from the last bytes
+        received. Closing the iterator early closes the connection.
+
+        Raises
+        ------
+        FsError
+            As `get_range`.
+        """
+        base = uri.partition("#")[0]
+        attempts = Attempts(self.policy, f"{base} [{start}, {end})")
+        refused = 0
+        pos = start
+        while pos < end:
+            entry = None
+            try:
+                entry = self._signed(base)
+                for data in self._stream(entry.url, pos, end, chunk):
+                    pos += len(data)
+                    with self._lock:
+                        self.bytes_fetched += len(data)
+                    attempts.progress()
+                    yield data
+            except _RefusedError as err:
+                assert entry is not None
+                self._forget(base, entry)
+                refused += 1
+                if refused >= _MAX_REFUSALS:  # fresh URLs refused too: retrying cannot help
+                    raise _refusing(base, err) from None
+                _LOG.info("Signed URL of %s refused (%s): asking for a fresh one", base, err)
+            except Exception as err:  # noqa: BLE001 -- classified just below
+                attempts.failed(classify(attempts.what, err, _retryable))
+
+    def _stream(self, url: str, start: int, end: int, chunk: int) -> Iterator[bytes]:
+        """One ranged GET from the storage host, yielded in pieces of ``chunk`` bytes (the last shorter)."""
+        with self._lock:
+            self.requests += 1
+        pos = start
+        try:
+            with self._storage.stream("GET", url, headers={"Range": f"bytes={start}-{end - 1}"}) as response:
+                _check_status(response.status_code, start)
+                buffer = bytearray()
+                for piece in response.iter_raw():
+                    buffer += piece
+                    while len(buffer) >= min(chunk, end - pos):
+                        size = min(chunk, end - pos)
+                        data = bytes(buffer[:size])
+                        del buffer[:size]
+                        pos += size
+                        yield data
+                        if pos >= end:  # never more than asked for, whatever the host sends
+                            return
+        except httpx2.TransportError as err:
+            raise _TransientError(type(err).__name__) from None
+        raise _TransientError(f"short read ({pos - start} of {end - start} bytes)")
+
     def size(self, uri: str) -> int:
         """Return an artifact's size (one 1-byte GET: real S3 refuses HEAD on GET-signed URLs)."""
         _, total = self._read(uri, 0, 1)
@@ -243,8 +304,7 @@ class HttpStore:
                     self._forget(base, entry)
                     refused += 1
                     if refused >= _MAX_REFUSALS:  # fresh URLs refused too: retrying cannot help
-                        message = f"{base}: the storage host refuses its signed URLs ({err})"
-                        raise FsError(errno.EIO, message) from None
+                        raise _refusing(base, err) from None
                     _LOG.info("Signed URL of %s refused (%s): asking for a fresh one", base, err)
 
         return self.policy.run(f"{base} [{start}, {end})", attempt, _retryable)
@@ -256,13 +316,7 @@ class HttpStore:
             self.requests += 1
         try:
             with self._storage.stream("GET", url, headers={"Range": f"bytes={start}-{end - 1}"}) as response:
-                status = response.status_code
-                if status in _REFUSED:
-                    raise _RefusedError(status)
-                if status >= 500 or status == 429:
-                    raise _TransientError(f"HTTP {status}")
-                if not (status == 206 or (status == 200 and start == 0)):
-                    raise FsError(errno.EIO, f"unexpected HTTP {status} from the storage host")
+                _check_status(response.status_code, start)
                 total = _total_size(response.headers.get("content-range"))
                 data = bytearray()
                 for chunk in response.iter_raw():
@@ -279,6 +333,20 @@ class HttpStore:
         """Close both connection pools."""
         self._server.close()
         self._storage.close()
+
+
+def _refusing(base: str, err: Exception) -> FsError:
+    return FsError(errno.EIO, f"{base}: the storage host refuses its signed URLs ({err})")
+
+
+def _check_status(status: int, start: int) -> None:
+    """Raise for a storage host's answer that is not the range asked for."""
+    if status in _REFUSED:
+        raise _RefusedError(status)
+    if status >= 500 or status == 429:
+        raise _TransientError(f"HTTP {status}")
+    if not (status == 206 or (status == 200 and start == 0)):
+        raise FsError(errno.EIO, f"unexpected HTTP {status} from the storage host")
 
 
 def _retryable(err: Exception) -> str | None:

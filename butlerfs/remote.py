@@ -29,7 +29,7 @@ from lsst.resources.s3utils import _get_s3_connection_parameters
 
 from .errors import FsError, UsageError
 
-__all__ = ["Attempts", "ObjectStore", "RetryPolicy", "abandon_when", "is_remote", "split_s3_uri"]
+__all__ = ["Attempts", "ObjectStore", "RetryPolicy", "abandon_when", "classify", "is_remote", "split_s3_uri"]
 
 _T = TypeVar("_T")
 
@@ -136,10 +136,10 @@ class RetryPolicy:
             try:
                 return call()
             except Exception as err:  # noqa: BLE001 -- classified just below
-                attempts.failed(_classify(what, err, retryable))
+                attempts.failed(classify(what, err, retryable))
 
 
-def _classify(what: str, err: Exception, retryable: Callable[[Exception], str | None]) -> str:
+def classify(what: str, err: Exception, retryable: Callable[[Exception], str | None]) -> str:
     """The reason to retry after ``err``; re-raise it (or the classifier's `FsError`) otherwise."""
     try:
         reason = retryable(err)
@@ -287,7 +287,7 @@ class ObjectStore:
                     attempts.progress()
                     yield data
             except Exception as err:  # noqa: BLE001 -- classified just below
-                attempts.failed(_classify(attempts.what, err, _retryable))
+                attempts.failed(classify(attempts.what, err, _retryable))
             finally:
                 if body is not None:
                     body.close()
