@@ -144,6 +144,11 @@ class BlockCache:
         """Whether a block is cached (its size is checked when read)."""
         return os.path.exists(self.block_path(key, index))
 
+    @property
+    def writable(self) -> bool:
+        """Whether blocks are being stored (`False` once the disk filled up, until space is freed)."""
+        return self._writable
+
     def write_block(self, key: str, index: int, data: bytes) -> bool:
         """Store a block atomically; return whether it was stored.
 

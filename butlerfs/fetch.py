@@ -230,7 +230,7 @@ class Fetcher:
         self._loading: dict[tuple[str, int], concurrent.futures.Future[None]] = {}
         self._disk: concurrent.futures.ThreadPoolExecutor | None = None
         self.served = collections.Counter[str]()
-        """Blocks served from ``memory``, the disk ``cache``, or a ``fetch``; ``timeouts``."""
+        """Blocks served from ``memory``, the disk ``cache``, or a ``fetch``; ``timeouts``; ``fills``."""
 
     def stats(self) -> dict[str, int]:
         """Counters of this mount's remote reads since it started."""
@@ -242,6 +242,7 @@ class Fetcher:
             "blocks_fetched": self.served["fetch"],
             "blocks_corrupt": self.cache.corrupt if self.cache is not None else 0,
             "reads_timed_out": self.served["timeouts"],
+            "artifacts_filled": self.served["fills"],
         }
 
     def open(self, key: str, uri: str, size: int, base: int = 0, checksum: str | None = None) -> RemoteReader:
@@ -283,12 +284,14 @@ class Fetcher:
 
     def fill(self, obj: RemoteObject) -> None:
         """Fetch the rest of ``obj`` as read-ahead parts, once, if it fits `fill_limit`."""
-        if not 0 < obj.size <= self.fill_limit:
-            return
+        if not 0 < obj.size <= self.fill_limit or self.cache is None or not self.cache.writable:
+            return  # on a full cache disk the rest would have nowhere to go
         with self._lock:
             if obj.key in self._filling or self._closed:
                 return
             self._filling.add(obj.key)
+            self.served["fills"] += 1
+            self._moved.notify_all()  # GETs of it held back for a reader go on
         _LOG.debug("random reads of %s: fetching the rest of it behind them", obj.key)
         # Parts small enough to keep every fetch thread busy: a fill has no reader to follow.
         parts = min(self.part_blocks(obj), _pow2_blocks(max(_MIN_PART, obj.size / self.concurrency)))
@@ -442,7 +445,8 @@ class Fetcher:
         """Hold a GET back until a reader's window reaches block ``index``; `False` to drop it."""
         deadline = time.monotonic() + _STREAM_IDLE
         with self._lock:
-            while index > self._limit.get(obj.key, -1):
+            # Once the whole artifact is wanted (`fill`), no GET of it waits for a reader.
+            while index > self._limit.get(obj.key, -1) and obj.key not in self._filling:
                 remaining = deadline - time.monotonic()
                 if not self._readers[obj.key] or self._closed or remaining <= 0:
                     return False
