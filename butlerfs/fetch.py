@@ -136,8 +136,6 @@ class _Part:
     last: int
     priority: int
     seq: int
-    follows_reader: bool = True
-    """Whether the GET streams only as far as its reader's window (not a fill's parts)."""
 
     def __lt__(self, other: _Part) -> bool:
         return (self.priority, self.seq) < (other.priority, other.seq)
@@ -293,9 +291,10 @@ class Fetcher:
             self.served["fills"] += 1
             self._moved.notify_all()  # GETs of it held back for a reader go on
         _LOG.debug("random reads of %s: fetching the rest of it behind them", obj.key)
-        # Parts small enough to keep every fetch thread busy: a fill has no reader to follow.
+        # Parts small enough to keep every fetch thread busy: a fill has no reader to follow
+        # (`_wait_for_reader` holds back no GET of an artifact being filled).
         parts = min(self.part_blocks(obj), _pow2_blocks(max(_MIN_PART, obj.size / self.concurrency)))
-        self.request(obj, 0, obj.blocks - 1, part_blocks=parts, follows_reader=False)
+        self.request(obj, 0, obj.blocks - 1, part_blocks=parts)
 
     # Scheduling
 
@@ -309,7 +308,6 @@ class Fetcher:
         demand: tuple[int, int] | None = None,
         aligned: bool = True,
         limit: int | None = None,
-        follows_reader: bool = True,
     ) -> None:
         """Start fetching the blocks of ``[first, last]`` that are neither held nor on their way.
 
@@ -328,8 +326,6 @@ class Fetcher:
             Split GETs at multiples of ``part_blocks`` (else only by length).
         limit : `int`, optional
             Last block the GETs may deliver before the reader comes closer; default ``last``.
-        follows_reader : `bool`, optional
-            With `False`, the GETs go on after every reader of the artifact has closed it.
         """
         part_blocks = part_blocks or self.part_blocks(obj)
         with self._lock:
@@ -346,9 +342,7 @@ class Fetcher:
             ]
             for run in _runs(missing, part_blocks, aligned):
                 urgent = demand is not None and run[0] <= demand[1] and run[-1] >= demand[0]
-                part = _Part(
-                    obj, run[0], run[-1], _DEMAND if urgent else _AHEAD, next(self._seq), follows_reader
-                )
+                part = _Part(obj, run[0], run[-1], _DEMAND if urgent else _AHEAD, next(self._seq))
                 for index in run:
                     self._slots[(obj.key, index)] = _Slot(part)
                 heapq.heappush(self._queue, part)
@@ -404,7 +398,7 @@ class Fetcher:
         try:
             with abandon_when(lambda: part.priority == _AHEAD and self._nobody_waits(part, index)):
                 while index <= part.last:
-                    if part.follows_reader and not self._wait_for_reader(obj, index):
+                    if not self._wait_for_reader(obj, index):
                         raise FsError(errno.EIO, "abandoned: the reader went elsewhere")
                     before = time.monotonic()
                     block = next(stream, None)

@@ -165,6 +165,15 @@ class HttpStore:
         future.set_result(entry)
         return entry
 
+    def _refused(self, base: str, entry: _Signed, err: Exception, refused: int) -> int:
+        """Drop a URL the storage host refused; return the refusals so far, or raise ``EIO`` at the limit."""
+        self._forget(base, entry)
+        refused += 1
+        if refused >= _MAX_REFUSALS:  # fresh URLs refused too: retrying cannot help
+            raise FsError(errno.EIO, f"{base}: the storage host refuses its signed URLs ({err})") from None
+        _LOG.info("Signed URL of %s refused (%s): asking for a fresh one", base, err)
+        return refused
+
     def _forget(self, base: str, entry: _Signed) -> None:
         """Drop a refused URL (unless another reader has replaced it already)."""
         with self._lock:
@@ -252,11 +261,7 @@ class HttpStore:
                     yield data
             except _RefusedError as err:
                 assert entry is not None
-                self._forget(base, entry)
-                refused += 1
-                if refused >= _MAX_REFUSALS:  # fresh URLs refused too: retrying cannot help
-                    raise _refusing(base, err) from None
-                _LOG.info("Signed URL of %s refused (%s): asking for a fresh one", base, err)
+                refused = self._refused(base, entry, err, refused)
             except Exception as err:  # noqa: BLE001 -- classified just below
                 attempts.failed(classify(attempts.what, err, _retryable))
 
@@ -301,11 +306,7 @@ class HttpStore:
                 try:
                     return self._get(entry.url, start, end)
                 except _RefusedError as err:
-                    self._forget(base, entry)
-                    refused += 1
-                    if refused >= _MAX_REFUSALS:  # fresh URLs refused too: retrying cannot help
-                        raise _refusing(base, err) from None
-                    _LOG.info("Signed URL of %s refused (%s): asking for a fresh one", base, err)
+                    refused = self._refused(base, entry, err, refused)
 
         return self.policy.run(f"{base} [{start}, {end})", attempt, _retryable)
 
@@ -333,10 +334,6 @@ class HttpStore:
         """Close both connection pools."""
         self._server.close()
         self._storage.close()
-
-
-def _refusing(base: str, err: Exception) -> FsError:
-    return FsError(errno.EIO, f"{base}: the storage host refuses its signed URLs ({err})")
 
 
 def _check_status(status: int, start: int) -> None:
