@@ -58,6 +58,7 @@ __all__ = [
     "open_butler",
     "registry_location",
     "state_since",
+    "state_total",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class DatasetTypeInfo:
     """Dimensions whose values are integers."""
     storage_class: str
     is_calibration: bool
+    governors: frozenset[str] = frozenset()
+    """Dimensions among ``dimensions`` whose values a registry holds few of (``instrument``)."""
 
 
 Group = tuple[str, Sequence[DataIdValue]] | None
@@ -195,11 +198,29 @@ class RepoIndex:
     def distinct(
         self, dataset_type: str, fixed: Mapping[str, DataIdValue], dimension: str
     ) -> list[DataIdValue]:
-        """Return the sorted values of ``dimension`` among the datasets under ``fixed``."""
-        with self._query() as butler, butler.query() as query:
-            query = query.join_dataset_search(dataset_type, self.collections)
-            rows = query.data_ids([*fixed, dimension]).where(fixed, self.where)
-            return sorted({row[dimension] for row in rows})
+        """Return the sorted values of ``dimension`` among the datasets under ``fixed``.
+
+        A governor dimension's values (``instrument``, ``skymap``) are the registry's few,
+        each kept if a dataset has it: one indexed probe each, where the distinct values
+        of a large collection are a scan of all of its datasets (0.5 s for 10^6 on PostgreSQL).
+        """
+        info = self._types[dataset_type]
+        with self._query() as butler:
+            if dimension in info.governors:
+                with butler.query() as query:
+                    candidates = sorted({row[dimension] for row in query.data_ids([dimension])})
+                if len(candidates) <= _GOVERNOR_PROBES:
+                    return [v for v in candidates if self._has(butler, info, {**fixed, dimension: v})]
+            with butler.query() as query:
+                query = query.join_dataset_search(dataset_type, self.collections)
+                rows = query.data_ids([*fixed, dimension]).where(fixed, self.where)
+                return sorted({row[dimension] for row in rows})
+
+    def _has(self, butler: Butler, info: DatasetTypeInfo, fixed: Mapping[str, DataIdValue]) -> bool:
+        """Whether a dataset of the type lies under a partial data ID."""
+        with butler.query() as query:
+            query = query.join_dataset_search(info.name, self.collections)
+            return query.data_ids(info.dimensions).where(fixed, self.where).any(execute=True, exact=True)
 
     def datasets(self, dataset_type: str, fixed: Mapping[str, DataIdValue]) -> list[DatasetEntry]:
         """Return the datasets under a partial data ID, with their artifacts.
@@ -428,6 +449,18 @@ class RepoIndex:
         self._butler.close()
 
 
+def state_total(token: str) -> int | None:
+    """How many datasets a `RepoIndex.state` token counted in its collections (`None` if unreadable).
+
+    An upper bound of what a listing of the type finds: a dataset hidden by an earlier
+    collection of the search path is counted too, and so is one a ``where`` leaves out.
+    """
+    try:
+        return sum(int(entry[2]) for entry in json.loads(token)["collections"] if len(entry) > 2)
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
 def state_since(token: str) -> float | None:
     """The ``since`` a `RepoIndex.state` token was made with (`None` if unreadable)."""
     try:
@@ -486,6 +519,9 @@ def open_butler(repo: str, *, writeable: bool = False) -> Butler:
             f"{repo} is not a Butler repository ({first}): give the directory holding butler.yaml"
         ) from None
 
+
+_GOVERNOR_PROBES = 32
+"""Most values of a governor dimension probed one by one; a registry with more is scanned."""
 
 _REMOTE_MODULES = ("httpx2", "httpcore2")
 """What only a client/server Butler imports (daf_butler's ``remote`` extra)."""
@@ -712,4 +748,5 @@ def _type_info(dataset_type: DatasetType) -> DatasetTypeInfo:
         int_dimensions=ints,
         storage_class=dataset_type.storageClass_name,
         is_calibration=dataset_type.isCalibration(),
+        governors=frozenset(name for name in dims.governors if name in dims.required),
     )

@@ -32,6 +32,7 @@ import errno
 import itertools
 import json
 import logging
+import math
 import os
 import stat
 import threading
@@ -52,6 +53,7 @@ from .registry import (
     RegistryUnavailableError,
     RepoIndex,
     state_since,
+    state_total,
 )
 
 __all__ = ["Attributes", "ButlerSource", "Directory", "File", "Layout", "MtimeSource"]
@@ -74,6 +76,12 @@ listings would otherwise check it once per piece)."""
 
 SINCE_RENEWAL = 3600.0
 """Seconds after which an unchanged state token is made again from a recent ``since``."""
+
+ISOLATE_ABOVE = 1_000
+"""Datasets a run of siblings is expected to hold above which the first lookup of one of its
+values, before the run is loaded, fetches that value's subtree alone: an ``ls`` of one
+directory waits for its own datasets, not for its 5,000 siblings'. The next lookup of
+another value loads the run whole, as the index stores it (a walk's one extra query per run)."""
 
 _DIRS_KEPT = 256
 """Directories remembered by path, so that listing a child does not resolve from the root."""
@@ -156,6 +164,8 @@ class Slot:
     nbytes: int = 0
     retired: bool = False
     """Replaced by its halves, or dropped with its level: never loaded again."""
+    peek: Slot | None = None
+    """A run's first looked-up value, loaded on its own while the run is not (see `ISOLATE_ABOVE`)."""
 
     @property
     def key(self) -> str:
@@ -445,7 +455,13 @@ class ButlerSource:
         fixed = (*level.fixed, (level.dimension, value))
         while True:
             slot = level.slot_of(bisect.bisect_left(level.values, value))
-            node = self._loaded(slot)
+            peek = slot.peek
+            if peek is not None and slot.node is None and peek.fixed == fixed and peek.node is not None:
+                held = peek.node
+                if isinstance(held, Level):
+                    return Directory(state, fixed, peek, held)
+                return Directory(state, fixed, peek, None, held, 0, len(held))
+            node = self._loaded(slot, want=value)
             if node is None:
                 if level.retired:
                     raise _RetryError
@@ -576,8 +592,12 @@ class ButlerSource:
         except Exception as err:  # the first listing of the type checks again, and reports
             _LOG.warning("Checking the listing index failed: %s", err)
 
-    def _loaded(self, slot: Slot) -> Chunk | Level | None:
-        """The piece on ``slot``, loaded if needed; `None` if loading split the slot instead."""
+    def _loaded(self, slot: Slot, want: DataIdValue | None = None) -> Chunk | Level | None:
+        """The piece on ``slot``, loaded if needed; `None` if loading split the slot instead.
+
+        ``want``: the value of the slot's run the caller resolves. `None` is also returned
+        when only that value was loaded (`Slot.peek`).
+        """
         node = slot.node
         if node is not None:
             if isinstance(node, Chunk):
@@ -588,10 +608,10 @@ class ButlerSource:
             return node
         with self._lock:
             if slot.node is None and not slot.retired:
-                self._load(slot)
+                self._load(slot, want)
             return slot.node
 
-    def _load(self, slot: Slot) -> None:
+    def _load(self, slot: Slot, want: DataIdValue | None = None) -> None:
         """Load the piece of ``slot``: from the on-disk index if it holds it, else the registry."""
         state = self._types[slot.dataset_type]
         self._check_state(state)
@@ -602,9 +622,9 @@ class ButlerSource:
         source = "index"
         if node is None:
             source = "registry"
-            node = self._from_registry(state, slot)
+            node = self._from_registry(state, slot, want)
             if node is None:
-                return  # the slot was split; the caller resolves again
+                return  # the slot was split, or only ``want`` loaded; the caller resolves again
             if self._disk is not None:
                 data = node.to_bytes() if isinstance(node, Chunk) else _level_bytes(node)
                 self._disk.put(slot.key, slot.dataset_type, token, data)
@@ -641,7 +661,9 @@ class ButlerSource:
             self._disk.discard(slot.key)
             return None
 
-    def _from_registry(self, state: _TypeState, slot: Slot) -> Chunk | Level | None:
+    def _from_registry(
+        self, state: _TypeState, slot: Slot, want: DataIdValue | None = None
+    ) -> Chunk | Level | None:
         info = state.info
         fixed = dict(slot.fixed)
         depth = len(slot.fixed)
@@ -649,20 +671,30 @@ class ButlerSource:
         ingest = self._mtime == "ingest"
         if slot.group is None:
             if depth < len(info.dimensions):
-                count = self._index.count(info.name, fixed)
+                count = self._count(state, slot)
                 if count > limit:
                     return self._new_level(state, slot, count)
             whole = self._index.rows(info.name, fixed, ingest_dates=ingest)
             assert whole is not None
             return Chunk.build(info.name, slot.fixed, whole, listed_at=time.time())
         dim, values = slot.group
+        parent = slot.parent
+        if (
+            want is not None
+            and slot.peek is None
+            and slot.version < 0
+            and parent is not None
+            and parent.per_value * len(values) > ISOLATE_ABOVE
+        ):
+            slot.peek = Slot(slot.dataset_type, (*slot.fixed, (dim, want)), None, parent)
+            self._load(slot.peek)
+            return None
         last = depth + 1 == len(info.dimensions)
         # Expected over the limit (from the level's average), or found over twice the
         # limit: split the run of siblings (or give a lone value its own level) rather
         # than fetch it at once. Flat layout: the last dimension's directory lists all
         # of its files anyway, so it is fetched whole.
         cap = None if last and self._layout == "flat" else 2 * limit
-        parent = slot.parent
         if cap is not None and parent is not None and parent.per_value * len(values) > limit:
             self._split(slot)  # expected over the limit: spare the query
             return None
@@ -671,6 +703,19 @@ class ButlerSource:
             self._split(slot)
             return None
         return Chunk.build(info.name, slot.fixed, rows, listed_at=time.time())
+
+    def _count(self, state: _TypeState, slot: Slot) -> int:
+        """About how many datasets lie under a slot's partial data ID (an upper bound)."""
+        if not slot.fixed and not self._index.where and state.token is not None:
+            # A type's whole tree: the state check has just counted it, per collection.
+            total = state_total(state.token)
+            if total is not None:
+                return total
+        parent = slot.parent
+        if parent is not None and len(parent.values) == 1 and not parent.retired:
+            # The only value (one instrument): its datasets are all the level's.
+            return math.ceil(parent.per_value)
+        return self._index.count(state.info.name, dict(slot.fixed))
 
     def _new_level(self, state: _TypeState, slot: Slot, count: int) -> Level:
         info = state.info
@@ -707,6 +752,9 @@ class ButlerSource:
     def _attach(self, slot: Slot, node: Chunk | Level, version: int) -> None:
         if slot.node is not None:
             self._drop(slot)
+        if slot.peek is not None:  # the run, loaded whole, holds it
+            self._drop(slot.peek)
+            slot.peek.retired = True
         slot.node = node
         slot.version = version
         slot.checked_at = self._clock()
@@ -726,6 +774,9 @@ class ButlerSource:
             for child in node.slots:
                 self._drop(child)
                 child.retired = True
+                if child.peek is not None:
+                    self._drop(child.peek)
+                    child.peek.retired = True
         self._lru.pop(slot, None)
         self._dirs.clear()  # directories resolved through it (and holding it) are forgotten
         self._held -= slot.nbytes

@@ -195,3 +195,81 @@ def test_certify_and_decertify_invalidate_the_index(demo, scratch):
     scratch.butler.registry.decertify(calibs, "scaleCalib", forever, dataIds=[a.dataId])
     again, _ = _listing(demo.root, [calibs], scratch.index, dataset_types=["scaleCalib"])
     assert [v[0] for v in again.values()] == [b.id]
+
+
+def test_first_lookup_in_a_large_run_loads_its_own_value_only(demo, tmp_path, monkeypatch):
+    """An `ls` of one directory waits for its datasets, not its siblings'; a walk still sees all once."""
+    monkeypatch.setattr("butlerfs.source.ISOLATE_ABOVE", 0)
+    expected, _ = _listing(demo.root, [DEFAULTS], None)
+    index = tmp_path / "index"
+    # With 5 datasets per query, the detectors come in runs of two (a calexp per visit each).
+    source = _source(demo.root, [DEFAULTS], index, subtree_limit=5, dataset_types=["calexp"])
+    wanted = demo.detectors[1]
+    try:
+        level = source.lookup(f"/calexp/instrument_{INSTRUMENT}").level
+        assert level is not None
+        run = level.slot_of(level.values.index(wanted))
+        assert run.group is not None and len(run.group[1]) == 2
+        node = source.lookup(f"/calexp/instrument_{INSTRUMENT}/detector_{wanted}")
+        assert isinstance(node, Directory) and node.chunk is not None
+        assert node.chunk.fixed == (("instrument", INSTRUMENT), ("detector", wanted)), "its own piece"
+        assert run.node is None and node.slot is run.peek, "the run is not loaded"
+        assert {name for name, _ in source.listdir(
+            f"/calexp/instrument_{INSTRUMENT}/detector_{wanted}")} == {f"visit_{v}" for v in demo.visits}
+        loads = source.memory()["loads_registry"]
+        files = {p: (f.dataset.id, f.dataset.run, f.size) for p, f in _walk(source).items()}
+        assert files == {p: v for p, v in expected.items() if p.startswith("/calexp/")}
+        # Each run of the walk is one query; the run that held the looked-up value, one more.
+        runs = -(-len(demo.detectors) // 2)
+        assert source.memory()["loads_registry"] - loads == runs
+    finally:
+        source.close()
+    # The index holds the runs whole: a remount walks without a listing query.
+    again, counters = _listing(demo.root, [DEFAULTS], index, subtree_limit=5, dataset_types=["calexp"])
+    assert again == files and not counters.get("loads_registry")
+
+
+def test_a_types_instruments_are_those_its_collections_hold(tmp_path):
+    """The first dimension (a governor) is probed value by value: only the searched collections count."""
+    from lsst.daf.butler import Butler, DatasetType
+
+    from butlerfs.formatter import put_source_extension
+
+    root = tmp_path / "repo"
+    Butler.makeRepo(str(root))
+    butler = Butler.from_config(str(root), writeable=True)
+    names = ["CamA", "CamB", "CamC"]
+    for name in names:
+        butler.registry.insertDimensionData(
+            "instrument", dict(name=name, visit_max=10, exposure_max=10, detector_max=4, class_name="x.Y")
+        )
+        butler.registry.insertDimensionData("detector", *[dict(instrument=name, id=d) for d in range(2)])
+    butler.registry.registerDatasetType(
+        DatasetType("sky", ["instrument", "detector"], "ButlerfsFile", universe=butler.dimensions)
+    )
+    for name in names[:2]:  # CamC has no dataset anywhere; CamB only in its own run
+        butler.collections.register(f"run/{name}")
+        for detector in range(2):
+            payload = tmp_path / f"{name}-{detector}.txt"
+            payload.write_text(f"{name} {detector}")
+            with put_source_extension(payload) as uri:
+                butler.put(uri, "sky", instrument=name, detector=detector, run=f"run/{name}")
+    butler.close()
+
+    def top(collections: list[str], where: str = "") -> list[str]:
+        source = ButlerSource(RepoIndex(str(root), collections, where=where), subtree_limit=1)
+        try:
+            return [name for name, _ in source.listdir("/sky")]
+        finally:
+            source.close()
+
+    assert top(["run/CamA"]) == ["instrument_CamA"]
+    assert top(["run/CamB", "run/CamA"]) == ["instrument_CamA", "instrument_CamB"]
+    assert top(["run/CamA", "run/CamB"], where="detector = 1 AND instrument = 'CamB'") == ["instrument_CamB"]
+    index = RepoIndex(str(root), ["run/CamA", "run/CamB"])
+    try:
+        assert index.dataset_types["sky"].governors == {"instrument"}
+        assert index.distinct("sky", {}, "instrument") == ["CamA", "CamB"]
+        assert index.distinct("sky", {"instrument": "CamB"}, "detector") == [0, 1]
+    finally:
+        index.close()
