@@ -9,10 +9,12 @@ Listing strategy. Each dataset type's tree is loaded in pieces, each hung on a `
 the whole subtree under a partial data ID, or the subtrees of a run of sibling values
 (``detector`` 40 to 49). A slot holding at most ``subtree_limit`` datasets is fetched
 in one query (with the datastore records) as a compact `~butlerfs.listing.Chunk`;
-a larger one becomes a `Level`: the next dimension's distinct values, split into
-slots of about ``subtree_limit`` datasets each, loaded when first reached. So the
-first ``ls`` of any directory fetches at most about ``subtree_limit`` datasets, and
-a walk needs about one query per ``subtree_limit`` datasets.
+a larger one becomes a `Level`: the next dimension's distinct values (fetched when the
+directory is first listed), split into slots of about ``subtree_limit`` datasets each,
+loaded when first reached. So the first ``ls`` of any directory fetches at most about
+``subtree_limit`` datasets, and a walk needs about one query per ``subtree_limit``
+datasets. A path looked up through a level not listed yet, or first in a run not loaded
+yet, loads its own value's subtree alone (`Level.peeks`).
 
 Chunks are held up to ``memory_limit`` bytes; beyond it the least recently used are
 dropped and loaded again when reached, from the on-disk index (`butlerfs.index`) if
@@ -37,7 +39,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -83,6 +85,10 @@ values, before the run is loaded, fetches that value's subtree alone: an ``ls`` 
 directory waits for its own datasets, not for its 5,000 siblings'. The next lookup of
 another value loads the run whole, as the index stores it (a walk's one extra query per run)."""
 
+PEEKS_BEFORE_LISTING = 16
+"""Values looked up under a level not listed yet (each its own query, found or not) after
+which it is listed: a program opening many paths by their data IDs then reads runs of them."""
+
 _DIRS_KEPT = 256
 """Directories remembered by path, so that listing a child does not resolve from the root."""
 
@@ -123,23 +129,31 @@ class Level:
     """A directory with too many datasets below it to fetch at once.
 
     Its next dimension's distinct values, cut into runs of siblings, one `Slot` each;
-    ``starts[k]`` is the index of the first value of ``slots[k]``.
+    ``starts[k]`` is the index of the first value of ``slots[k]``. The values are fetched
+    when the directory is first listed (``values`` is `None` until then): a path looked up
+    through it needs only its own value's subtree, a `peek`.
     """
 
     fixed: Fixed
     dimension: str
-    values: list[DataIdValue]
+    values: list[DataIdValue] | None
     starts: list[int]
     slots: list[Slot]
     per_value: float = 0.0
     """Datasets per value, on average when the level was listed."""
+    count: float = 0.0
+    """Datasets below the level (an upper bound)."""
+    peeks: dict[DataIdValue, Slot] = field(default_factory=dict)
+    """Values loaded on their own (looked up before the level was listed, or first of their run)."""
+    misses: int = 0
+    """Names looked up and not found before the level was listed."""
     retired: bool = False
     """Dropped (reloaded or evicted with its parent): readers holding it look again from the top."""
 
     @property
     def nbytes(self) -> int:
         """Bytes held, roughly."""
-        return 200 + 80 * len(self.values) + 150 * len(self.slots)
+        return 200 + 80 * len(self.values or ()) + 150 * len(self.slots)
 
     def slot_of(self, index: int) -> Slot:
         """The slot holding value number ``index``."""
@@ -164,8 +178,6 @@ class Slot:
     nbytes: int = 0
     retired: bool = False
     """Replaced by its halves, or dropped with its level: never loaded again."""
-    peek: Slot | None = None
-    """A run's first looked-up value, loaded on its own while the run is not (see `ISOLATE_ABOVE`)."""
 
     @property
     def key(self) -> str:
@@ -370,7 +382,8 @@ class ButlerSource:
             return [Entry(name, _DIR_MODE, 0, now) for name in sorted(self._types)]
         depth = len(node.fixed)
         if node.level is not None:
-            level = node.level
+            level = self._listed(node)
+            assert level.values is not None
             if depth < self._file_depth(node.state):
                 names = [dimension_dir(level.dimension, v) for v in level.values]
                 return sorted((Entry(name, _DIR_MODE, 0, now) for name in names), key=_by_name)
@@ -416,13 +429,18 @@ class ButlerSource:
         if node.level is not None:
             level = node.level
             if depth >= file_depth:
-                return self._file_in_level(state, level, name)
+                return self._file_in_level(state, self._listed(node), name)
             try:
                 value = parse_dimension_dir(
                     level.dimension, name, as_int=level.dimension in state.info.int_dimensions
                 )
             except ValueError:
                 return None
+            if level.values is None:
+                if value in level.peeks or len(level.peeks) + level.misses < PEEKS_BEFORE_LISTING:
+                    return self._peek(state, level, value)
+                level = self._listed(node)
+                assert level.values is not None
             i = bisect.bisect_left(level.values, value)
             if i == len(level.values) or level.values[i] != value:
                 return None
@@ -453,10 +471,11 @@ class ButlerSource:
     def _below(self, state: _TypeState, level: Level, value: DataIdValue) -> Directory | None:
         """The directory of ``value`` under ``level``, loading its piece."""
         fixed = (*level.fixed, (level.dimension, value))
+        assert level.values is not None
         while True:
             slot = level.slot_of(bisect.bisect_left(level.values, value))
-            peek = slot.peek
-            if peek is not None and slot.node is None and peek.fixed == fixed and peek.node is not None:
+            peek = level.peeks.get(value)
+            if peek is not None and slot.node is None and peek.node is not None:
                 held = peek.node
                 if isinstance(held, Level):
                     return Directory(state, fixed, peek, held)
@@ -473,10 +492,63 @@ class ButlerSource:
             lo, hi = node.rows_with(0, 0, len(node), value)
             return Directory(state, fixed, slot, None, node, lo, hi) if lo < hi else None
 
+    def _peek(self, state: _TypeState, level: Level, value: DataIdValue) -> Directory | None:
+        """The directory of ``value`` under a level not listed yet: its subtree loaded alone."""
+        fixed = (*level.fixed, (level.dimension, value))
+        while True:
+            with self._lock:
+                if level.retired:
+                    raise _RetryError
+                peek = level.peeks.get(value)
+                if peek is None:
+                    peek = level.peeks[value] = Slot(state.info.name, fixed, None, level)
+            held = self._loaded(peek)
+            if held is None:
+                if level.retired or peek.retired:
+                    raise _RetryError
+                continue
+            if isinstance(held, Level):
+                return Directory(state, fixed, peek, held)
+            if len(held):
+                return Directory(state, fixed, peek, None, held, 0, len(held))
+            with self._lock:  # no such value: forget the empty piece
+                if level.peeks.get(value) is peek:
+                    del level.peeks[value]
+                    self._drop(peek)
+                    peek.retired = True
+                    level.misses += 1
+            return None
+
+    def _listed(self, node: Directory) -> Level:
+        """The level of a directory, its values fetched if they were not yet."""
+        level = node.level
+        assert level is not None and node.state is not None and node.slot is not None
+        if level.values is not None:
+            return level
+        state, slot = node.state, node.slot
+        with self._lock:
+            if level.values is None and not level.retired:
+                started = time.perf_counter()
+                values = self._index.distinct(state.info.name, dict(level.fixed), level.dimension)
+                _fill_level(level, slot, values, self._subtree_limit)
+                if slot.node is level:
+                    self._held += level.nbytes - slot.nbytes
+                    slot.nbytes = level.nbytes
+                    if self._disk is not None and state.token is not None and slot.version == state.version:
+                        self._disk.put(slot.key, slot.dataset_type, state.token, _level_bytes(level))
+                self._counters["levels_listed"] += 1
+                _LOG.debug("Listed %s %s: %d %s values in %.3f s", slot.dataset_type, dict(level.fixed),
+                           len(values), level.dimension, time.perf_counter() - started)
+        if level.retired:
+            raise _RetryError
+        return level
+
     def _file_in_level(self, state: _TypeState, level: Level, name: str) -> File | None:
         """A file of the flat layout in a directory whose last dimension is cut into slots."""
         as_int = level.dimension in state.info.int_dimensions
-        for value in candidate_values(name, as_int, lambda v: _has(level.values, v)):
+        values = level.values
+        assert values is not None
+        for value in candidate_values(name, as_int, lambda v: _has(values, v)):
             node = self._below(state, level, value)
             if node is not None and node.chunk is not None:
                 found = node.chunk.find_file(node.lo, node.hi, name)
@@ -596,7 +668,7 @@ class ButlerSource:
         """The piece on ``slot``, loaded if needed; `None` if loading split the slot instead.
 
         ``want``: the value of the slot's run the caller resolves. `None` is also returned
-        when only that value was loaded (`Slot.peek`).
+        when only that value was loaded (`Level.peeks`).
         """
         node = slot.node
         if node is not None:
@@ -635,7 +707,8 @@ class ButlerSource:
         if isinstance(node, Chunk):
             what = f"{len(node)} datasets"
         else:
-            what = f"{len(node.values)} {node.dimension} values"
+            listed = f"{len(node.values)}" if node.values is not None else "(not listed yet)"
+            what = f"{listed} {node.dimension} values"
         _LOG.debug(
             "Loaded %s %s%s from the %s: %s in %.3f s",
             slot.dataset_type,
@@ -681,13 +754,13 @@ class ButlerSource:
         parent = slot.parent
         if (
             want is not None
-            and slot.peek is None
             and slot.version < 0
             and parent is not None
             and parent.per_value * len(values) > ISOLATE_ABOVE
+            and not any(_has(values, v) for v in parent.peeks)  # one value per run
         ):
-            slot.peek = Slot(slot.dataset_type, (*slot.fixed, (dim, want)), None, parent)
-            self._load(slot.peek)
+            peek = parent.peeks[want] = Slot(slot.dataset_type, (*slot.fixed, (dim, want)), None, parent)
+            self._load(peek)
             return None
         last = depth + 1 == len(info.dimensions)
         # Expected over the limit (from the level's average), or found over twice the
@@ -712,17 +785,19 @@ class ButlerSource:
             if total is not None:
                 return total
         parent = slot.parent
-        if parent is not None and len(parent.values) == 1 and not parent.retired:
+        if parent is not None and not parent.retired and len(parent.values or ()) == 1:
             # The only value (one instrument): its datasets are all the level's.
-            return math.ceil(parent.per_value)
+            return math.ceil(parent.count)
         return self._index.count(state.info.name, dict(slot.fixed))
 
     def _new_level(self, state: _TypeState, slot: Slot, count: int) -> Level:
         info = state.info
         fixed = slot.fixed
         dim = info.dimensions[len(fixed)]
-        values = self._index.distinct(info.name, dict(fixed), dim)
-        return _make_level(slot, dim, values, count, self._subtree_limit)
+        level = Level(fixed, dim, None, [], [], count=count)
+        if dim in info.governors:  # a few probes: listed at once
+            _fill_level(level, slot, self._index.distinct(info.name, dict(fixed), dim), self._subtree_limit)
+        return level
 
     def _split(self, slot: Slot) -> None:
         """Replace an over-full run of siblings by its halves, or a lone value by its own level."""
@@ -752,9 +827,16 @@ class ButlerSource:
     def _attach(self, slot: Slot, node: Chunk | Level, version: int) -> None:
         if slot.node is not None:
             self._drop(slot)
-        if slot.peek is not None:  # the run, loaded whole, holds it
-            self._drop(slot.peek)
-            slot.peek.retired = True
+        peeks = slot.parent.peeks if slot.parent is not None else None
+        if peeks and slot not in peeks.values():  # a run (or a value's own slot) holds its peeks' values
+            if slot.group is not None:
+                members = [v for v in peeks if _has(slot.group[1], v)]
+            else:
+                members = [v for v in (slot.fixed[-1][1],) if v in peeks]
+            for value in members:
+                peek = peeks.pop(value)
+                self._drop(peek)
+                peek.retired = True
         slot.node = node
         slot.version = version
         slot.checked_at = self._clock()
@@ -774,9 +856,9 @@ class ButlerSource:
             for child in node.slots:
                 self._drop(child)
                 child.retired = True
-                if child.peek is not None:
-                    self._drop(child.peek)
-                    child.peek.retired = True
+            for peek in node.peeks.values():
+                self._drop(peek)
+                peek.retired = True
         self._lru.pop(slot, None)
         self._dirs.clear()  # directories resolved through it (and holding it) are forgotten
         self._held -= slot.nbytes
@@ -907,16 +989,19 @@ class ButlerSource:
         self._index.close()
 
 
-def _make_level(slot: Slot, dim: str, values: list[DataIdValue], count: int, limit: int) -> Level:
-    """Cut sorted sibling values into runs of about ``limit`` datasets (assuming even spread)."""
-    per_value = count / max(len(values), 1)
+def _fill_level(level: Level, slot: Slot, values: list[DataIdValue], limit: int) -> None:
+    """List a level: cut its sorted values into runs of about ``limit`` datasets (assuming even spread)."""
+    per_value = level.count / max(len(values), 1)
     run = max(1, int(limit // max(per_value, 1.0)))
-    level = Level(slot.fixed, dim, values, [], [], per_value)
+    starts: list[int] = []
+    slots: list[Slot] = []
     for start in range(0, len(values), run):
         group = tuple(values[start : start + run])
-        level.starts.append(start)
-        level.slots.append(Slot(slot.dataset_type, slot.fixed, (dim, group), level))
-    return level
+        starts.append(start)
+        slots.append(Slot(slot.dataset_type, slot.fixed, (level.dimension, group), level))
+    # Readers use a listed level without the lock: the values come last.
+    level.per_value, level.starts, level.slots = per_value, starts, slots
+    level.values = values
 
 
 def _level_bytes(level: Level) -> bytes:
@@ -928,6 +1013,7 @@ def _level_bytes(level: Level) -> bytes:
             "starts": level.starts,
             "groups": groups,
             "per_value": level.per_value,
+            "count": level.count,
         }
     ).encode()
 
@@ -937,13 +1023,16 @@ def _level_from_bytes(slot: Slot, data: bytes, limit: int) -> Level:
         stored = json.loads(data)
         dim = stored["dimension"]
         starts = [int(s) for s in stored["starts"]]
-        level = Level(slot.fixed, dim, stored["values"], starts, [], float(stored["per_value"]))
-        for (values, lone), start in zip(stored["groups"], level.starts, strict=True):
+        values = stored["values"]
+        per_value = float(stored["per_value"])
+        count = float(stored.get("count", per_value * len(values or ())))
+        level = Level(slot.fixed, dim, values, starts, [], per_value, count)
+        for (group, lone), start in zip(stored["groups"], level.starts, strict=True):
             if lone:
-                fixed = (*slot.fixed, (dim, level.values[start]))
+                fixed = (*slot.fixed, (dim, values[start]))
                 level.slots.append(Slot(slot.dataset_type, fixed, None, level))
             else:
-                level.slots.append(Slot(slot.dataset_type, slot.fixed, (dim, tuple(values)), level))
+                level.slots.append(Slot(slot.dataset_type, slot.fixed, (dim, tuple(group)), level))
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise ValueError(f"damaged level: {err}") from None
     return level
@@ -991,7 +1080,7 @@ def _current(node: Directory) -> bool:
     return slot.node is held and not slot.retired and not (node.level is not None and node.level.retired)
 
 
-def _has(values: list[DataIdValue], value: DataIdValue) -> bool:
+def _has(values: Sequence[DataIdValue], value: DataIdValue) -> bool:
     i = bisect.bisect_left(values, value)
     return i < len(values) and values[i] == value
 

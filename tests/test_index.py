@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sqlite3
 from pathlib import Path
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import DEFAULTS
 
+from butlerfs.errors import FsError
 from butlerfs.registry import RepoIndex
 from butlerfs.source import ButlerSource, Directory, File
 
@@ -206,14 +208,15 @@ def test_first_lookup_in_a_large_run_loads_its_own_value_only(demo, tmp_path, mo
     source = _source(demo.root, [DEFAULTS], index, subtree_limit=5, dataset_types=["calexp"])
     wanted = demo.detectors[1]
     try:
+        source.scandir(f"/calexp/instrument_{INSTRUMENT}")  # lists the detectors, looks none up
         level = source.lookup(f"/calexp/instrument_{INSTRUMENT}").level
-        assert level is not None
+        assert level is not None and level.values is not None
         run = level.slot_of(level.values.index(wanted))
         assert run.group is not None and len(run.group[1]) == 2
         node = source.lookup(f"/calexp/instrument_{INSTRUMENT}/detector_{wanted}")
         assert isinstance(node, Directory) and node.chunk is not None
         assert node.chunk.fixed == (("instrument", INSTRUMENT), ("detector", wanted)), "its own piece"
-        assert run.node is None and node.slot is run.peek, "the run is not loaded"
+        assert run.node is None and node.slot is level.peeks[wanted], "the run is not loaded"
         assert {name for name, _ in source.listdir(
             f"/calexp/instrument_{INSTRUMENT}/detector_{wanted}")} == {f"visit_{v}" for v in demo.visits}
         loads = source.memory()["loads_registry"]
@@ -273,3 +276,36 @@ def test_a_types_instruments_are_those_its_collections_hold(tmp_path):
         assert index.distinct("sky", {"instrument": "CamB"}, "detector") == [0, 1]
     finally:
         index.close()
+
+
+def test_a_path_looked_up_directly_lists_no_level_on_its_way(demo, monkeypatch):
+    """A program opening a path by its data ID waits for that data ID's datasets only."""
+    expected, _ = _listing(demo.root, [DEFAULTS], None, dataset_types=["calexp"])
+    source = _source(demo.root, [DEFAULTS], None, subtree_limit=1, dataset_types=["calexp"])
+    instrument = f"/calexp/instrument_{INSTRUMENT}"
+    try:
+        for path, (dataset_id, _, _) in list(expected.items())[:2]:
+            node = source.lookup(path)
+            assert isinstance(node, File) and node.dataset.id == dataset_id
+        level = source.lookup(instrument).level
+        assert level is not None and level.values is None, "the detectors were not listed"
+        assert not source.memory().get("levels_listed")
+        with pytest.raises(FsError) as missing:
+            source.lookup(f"{instrument}/detector_999/visit_1")
+        assert missing.value.errno == errno.ENOENT
+        assert [name for name, _ in source.listdir(instrument)] == sorted(f"detector_{d}" for d in demo.detectors)
+        assert source.memory()["levels_listed"] >= 1
+        files = {p: (f.dataset.id, f.dataset.run, f.size) for p, f in _walk(source).items()}
+        assert files == expected
+    finally:
+        source.close()
+    # Looked up one by one past a few values, a level is listed: its runs then load whole.
+    monkeypatch.setattr("butlerfs.source.PEEKS_BEFORE_LISTING", 2)
+    source = _source(demo.root, [DEFAULTS], None, subtree_limit=1, dataset_types=["calexp"])
+    try:
+        for detector in demo.detectors:
+            assert isinstance(source.lookup(f"{instrument}/detector_{detector}"), Directory)
+        level = source.lookup(instrument).level
+        assert level is not None and level.values == sorted(demo.detectors)
+    finally:
+        source.close()
