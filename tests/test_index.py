@@ -307,6 +307,6 @@ def test_a_path_looked_up_directly_lists_no_level_on_its_way(demo, monkeypatch):
         for detector in demo.detectors:
             assert isinstance(source.lookup(f"{instrument}/detector_{detector}"), Directory)
         level = source.lookup(instrument).level
-        assert level is not None and level.values == sorted(demo.detectors)
+        assert level is not None and list(level.values) == sorted(demo.detectors)
     finally:
         source.close()
