@@ -439,6 +439,8 @@ class ButlerSource:
             except ValueError:
                 return None
             if level.values is None:
+                if not _queryable(value):  # no dataset has it; a query would fail, not miss
+                    return None
                 if value in level.peeks or len(level.peeks) + level.misses < PEEKS_BEFORE_LISTING:
                     return self._peek(state, level, value)
                 level = self._listed(node)
@@ -477,8 +479,8 @@ class ButlerSource:
         while True:
             slot = level.slot_of(bisect.bisect_left(level.values, value))
             peek = level.peeks.get(value)
-            if peek is not None and slot.node is None and peek.node is not None:
-                held = peek.node
+            held = peek.node if peek is not None else None  # read once: another thread may drop it
+            if peek is not None and held is not None and slot.node is None:
                 if isinstance(held, Level):
                     return Directory(state, fixed, peek, held)
                 return Directory(state, fixed, peek, None, held, 0, len(held))
@@ -787,9 +789,11 @@ class ButlerSource:
             if total is not None:
                 return total
         parent = slot.parent
-        if parent is not None and not parent.retired and len(parent.values or ()) == 1:
-            # The only value (one instrument): its datasets are all the level's.
-            return math.ceil(parent.count)
+        values = parent.values if parent is not None else None
+        if parent is not None and not parent.retired and values is not None and len(values) == 1:
+            if slot.fixed[-1] == (parent.dimension, values[0]):
+                # The only value (one instrument): its datasets are all the level's.
+                return math.ceil(parent.count)
         return self._index.count(state.info.name, dict(slot.fixed))
 
     def _new_level(self, state: _TypeState, slot: Slot, count: int) -> Level:
@@ -1041,6 +1045,16 @@ def _level_from_bytes(slot: Slot, data: bytes, limit: int) -> Level:
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise ValueError(f"damaged level: {err}") from None
     return level
+
+
+def _queryable(value: DataIdValue) -> bool:
+    """Whether a registry can compare a dimension column with ``value``.
+
+    A 64-bit integer or a NUL-free string: SQLite refuses larger integers, PostgreSQL NULs.
+    """
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    return "\x00" not in value
 
 
 def _compact(values: Sequence[DataIdValue]) -> Sequence[DataIdValue]:

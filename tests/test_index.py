@@ -293,6 +293,9 @@ def test_a_path_looked_up_directly_lists_no_level_on_its_way(demo, monkeypatch):
         with pytest.raises(FsError) as missing:
             source.lookup(f"{instrument}/detector_999/visit_1")
         assert missing.value.errno == errno.ENOENT
+        with pytest.raises(FsError) as hostile:  # no query: SQLite cannot compare it
+            source.lookup(f"{instrument}/detector_{10**30}/visit_1")
+        assert hostile.value.errno == errno.ENOENT
         detectors = sorted(f"detector_{d}" for d in demo.detectors)
         assert [name for name, _ in source.listdir(instrument)] == detectors
         assert source.memory()["levels_listed"] >= 1
