@@ -103,6 +103,9 @@ A Butler stamps ``ingest_date`` with the inserting client's clock when the inser
 starts; the check counts datasets ingested since ``INGEST_MARGIN`` before its own time,
 so a slow insert or a client clock that lags by less than this is still seen."""
 
+_GOVERNOR_PROBES = 32
+"""Most values of a governor dimension probed one by one; a registry with more is scanned."""
+
 _UNIX_EPOCH_JD = 2440587.5
 _TAI_MINUS_UTC = 37.0  # seconds, constant since 2017-01-01, before any Gen3 repository existed
 
@@ -519,9 +522,6 @@ def open_butler(repo: str, *, writeable: bool = False) -> Butler:
             f"{repo} is not a Butler repository ({first}): give the directory holding butler.yaml"
         ) from None
 
-
-_GOVERNOR_PROBES = 32
-"""Most values of a governor dimension probed one by one; a registry with more is scanned."""
 
 _REMOTE_MODULES = ("httpx2", "httpcore2")
 """What only a client/server Butler imports (daf_butler's ``remote`` extra)."""

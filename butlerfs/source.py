@@ -468,9 +468,7 @@ class ButlerSource:
     def _type_directory(self, state: _TypeState) -> Directory:
         node = self._loaded(state.root)
         assert node is not None, "a type's root is never split"
-        if isinstance(node, Level):
-            return Directory(state, (), state.root, node)
-        return Directory(state, (), state.root, None, node, 0, len(node))
+        return _whole(state, (), state.root, node)
 
     def _below(self, state: _TypeState, level: Level, value: DataIdValue) -> Directory | None:
         """The directory of ``value`` under ``level``, loading its piece."""
@@ -481,18 +479,14 @@ class ButlerSource:
             peek = level.peeks.get(value)
             held = peek.node if peek is not None else None  # read once: another thread may drop it
             if peek is not None and held is not None and slot.node is None:
-                if isinstance(held, Level):
-                    return Directory(state, fixed, peek, held)
-                return Directory(state, fixed, peek, None, held, 0, len(held))
+                return _whole(state, fixed, peek, held)
             node = self._loaded(slot, want=value)
             if node is None:
                 if level.retired:
                     raise _RetryError
                 continue  # the slot was split while loading: look again
-            if isinstance(node, Level):
-                return Directory(state, fixed, slot, node)
-            if node.fixed == fixed:  # a lone value's own piece
-                return Directory(state, fixed, slot, None, node, 0, len(node))
+            if isinstance(node, Level) or node.fixed == fixed:  # a level, or a lone value's own piece
+                return _whole(state, fixed, slot, node)
             lo, hi = node.rows_with(0, 0, len(node), value)
             return Directory(state, fixed, slot, None, node, lo, hi) if lo < hi else None
 
@@ -511,15 +505,12 @@ class ButlerSource:
                 if level.retired or peek.retired:
                     raise _RetryError
                 continue
-            if isinstance(held, Level):
-                return Directory(state, fixed, peek, held)
-            if len(held):
-                return Directory(state, fixed, peek, None, held, 0, len(held))
+            if isinstance(held, Level) or len(held):
+                return _whole(state, fixed, peek, held)
             with self._lock:  # no such value: forget the empty piece
                 if level.peeks.get(value) is peek:
                     del level.peeks[value]
-                    self._drop(peek)
-                    peek.retired = True
+                    self._retire(peek)
                     level.misses += 1
             return None
 
@@ -789,9 +780,8 @@ class ButlerSource:
             if total is not None:
                 return total
         parent = slot.parent
-        values = parent.values if parent is not None else None
-        if parent is not None and not parent.retired and values is not None and len(values) == 1:
-            if slot.fixed[-1] == (parent.dimension, values[0]):
+        if parent is not None and not parent.retired and parent.values is not None:
+            if len(parent.values) == 1 and slot.fixed[-1] == (parent.dimension, parent.values[0]):
                 # The only value (one instrument): its datasets are all the level's.
                 return math.ceil(parent.count)
         return self._index.count(state.info.name, dict(slot.fixed))
@@ -840,9 +830,7 @@ class ButlerSource:
             else:
                 members = [v for v in (slot.fixed[-1][1],) if v in peeks]
             for value in members:
-                peek = peeks.pop(value)
-                self._drop(peek)
-                peek.retired = True
+                self._retire(peeks.pop(value))
         slot.node = node
         slot.version = version
         slot.checked_at = self._clock()
@@ -859,17 +847,18 @@ class ButlerSource:
             return
         if isinstance(node, Level):
             node.retired = True
-            for child in node.slots:
-                self._drop(child)
-                child.retired = True
-            for peek in node.peeks.values():
-                self._drop(peek)
-                peek.retired = True
+            for child in [*node.slots, *node.peeks.values()]:
+                self._retire(child)
         self._lru.pop(slot, None)
         self._dirs.clear()  # directories resolved through it (and holding it) are forgotten
         self._held -= slot.nbytes
         slot.node = None
         slot.nbytes = 0
+
+    def _retire(self, slot: Slot) -> None:
+        """Drop a slot for good: readers holding it resolve their path again."""
+        self._drop(slot)
+        slot.retired = True
 
     def _evict(self, keep: Slot) -> None:
         """Drop the least recently used chunks until the listings fit the memory limit."""
@@ -1045,6 +1034,13 @@ def _level_from_bytes(slot: Slot, data: bytes, limit: int) -> Level:
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise ValueError(f"damaged level: {err}") from None
     return level
+
+
+def _whole(state: _TypeState, fixed: Fixed, slot: Slot, node: Chunk | Level) -> Directory:
+    """The directory that is the whole of a slot's piece."""
+    if isinstance(node, Level):
+        return Directory(state, fixed, slot, node)
+    return Directory(state, fixed, slot, None, node, 0, len(node))
 
 
 def _queryable(value: DataIdValue) -> bool:
