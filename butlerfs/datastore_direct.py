@@ -2,15 +2,25 @@
 
 Artifacts have ``file://`` or ``s3://`` URIs, resolved from the records' paths the way
 `StoredFileInfo.file_location` does, only when first asked for.
+
+The records of a listing are read by one query per 10,000 datasets that joins the
+records table with the datastore's ``dataset_location`` table. That join is what
+``FileDatastore._export_rows`` computes with two queries (``bridge.check``, then the
+records): it hides a dataset that was trashed but whose trash was never emptied. Done as
+one query and read as plain rows it costs about 40% less (5,000 datasets of a 10^6
+PostgreSQL repository: 0.15 s against 0.23-0.34 s), and records are most of a first
+listing's time. A datastore whose tables are not where this module expects them (another
+bridge or table class) is read through ``_export_rows`` as before.
 """
 
 from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import sqlalchemy
 from lsst.daf.butler.datastore.stored_file_info import NULLSTR
 from lsst.daf.butler.direct_butler import DirectButler
 from lsst.resources import ResourcePath
@@ -44,6 +54,7 @@ class DirectDatastore(Datastore):
         self._stores = [s for s in chained if hasattr(s, "locationFactory")]
         # One resolver per file datastore, shared by all its artifacts (a listing makes millions).
         self._resolvers = [functools.partial(_resolve, s.locationFactory) for s in self._stores]
+        self._records = [_records_query(s) for s in self._stores]
 
     def roots(self) -> list[str]:
         """Return the root URI of each file datastore."""
@@ -51,24 +62,38 @@ class DirectDatastore(Datastore):
 
     def artifacts(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, tuple[Artifact, ...]]:
         """Return the artifacts of datasets from the datastore's records, in bulk."""
-        # The datastore's own export reads these rows too, but builds a
-        # StoredFileInfo and a ResourcePath per row, which a listing does not need.
         found: dict[uuid.UUID, list[Artifact]] = {}
         for number, (store, resolve) in enumerate(zip(self._stores, self._resolvers, strict=True)):
+            for dataset_id, path, size, component, checksum, formatter in self._rows(number, store, ids):
+                found.setdefault(dataset_id, []).append(
+                    Artifact(
+                        path,
+                        -1 if size is None else int(size),
+                        None if component in (None, "", NULLSTR) else component,
+                        checksum,
+                        formatter,
+                        resolve=resolve,
+                        store=number,
+                    )
+                )
+        return {k: tuple(sorted(v, key=lambda a: a.component or "")) for k, v in found.items()}
+
+    def _rows(self, number: int, store: Any, ids: Sequence[uuid.UUID]) -> Iterator[tuple[Any, ...]]:
+        """Yield ``(dataset_id, path, file_size, component, checksum, formatter)`` of stored datasets."""
+        query = self._records[number]
+        if query is None:
             for batch in store._export_rows(list(ids)):
                 for row in batch:
-                    found.setdefault(row["dataset_id"], []).append(
-                        Artifact(
-                            path=row["path"],
-                            size=int(row["file_size"]) if row["file_size"] is not None else -1,
-                            component=None if row["component"] in (None, "", NULLSTR) else row["component"],
-                            checksum=row["checksum"],
-                            formatter=row["formatter"],
-                            resolve=resolve,
-                            store=number,
-                        )
-                    )
-        return {k: tuple(sorted(v, key=lambda a: a.component or "")) for k, v in found.items()}
+                    yield tuple(row[c] for c in _COLUMNS)
+            return
+        db, select, column = query
+        # Sorted keys read the primary-key index in order (measured: a third less server time).
+        ordered = sorted(set(ids))
+        for start in range(0, len(ordered), _BATCH):
+            batch = ordered[start : start + _BATCH]
+            with db.query(select.where(db.make_in_array_constraint(column, batch))) as result:
+                rows = result.fetchall()
+            yield from rows
 
     def artifact(
         self,
@@ -83,6 +108,31 @@ class DirectDatastore(Datastore):
         if store < 0:
             return Artifact(path, size, component, checksum, "", uri=path)
         return Artifact(path, size, component, checksum, "", resolve=self._resolvers[store], store=store)
+
+
+_COLUMNS = ("dataset_id", "path", "file_size", "component", "checksum", "formatter")
+_BATCH = 10_000
+"""Datasets per records query (SQLite accepts 32,766 parameters; PostgreSQL takes an array)."""
+
+
+def _records_query(store: Any) -> tuple[Any, sqlalchemy.Select, Any] | None:
+    """Return ``(database, select, dataset_id column)`` reading a file datastore's live records.
+
+    `None` if the datastore's tables are not the monolithic bridge's and the opaque records
+    table this module knows (then ``_export_rows`` is used).
+    """
+    bridge, table = getattr(store, "_bridge", None), getattr(getattr(store, "_table", None), "_table", None)
+    tables = getattr(bridge, "_tables", None)
+    location = getattr(tables, "dataset_location", None)
+    db = getattr(bridge, "_db", None)
+    name = getattr(bridge, "datastoreName", None)
+    if not isinstance(table, sqlalchemy.Table) or not isinstance(location, sqlalchemy.Table) or db is None:
+        return None
+    if not all(c in table.c for c in _COLUMNS) or name is None:
+        return None
+    on = sqlalchemy.and_(location.c.dataset_id == table.c.dataset_id, location.c.datastore_name == name)
+    select = sqlalchemy.select(*(table.c[c] for c in _COLUMNS)).join(location, on)
+    return db, select, table.c.dataset_id
 
 
 def _resolve(factory: Any, path: str) -> str:

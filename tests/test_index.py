@@ -166,6 +166,21 @@ def test_new_and_removed_datasets_invalidate_the_index(demo, scratch):
     assert sorted(p.rsplit("_", 1)[-1] for p in third) == ["0.txt", "1.txt"]
 
 
+@pytest.mark.parametrize("joined", [True, False], ids=["joined-query", "export-rows"])
+def test_a_dataset_trashed_but_not_emptied_is_not_listed(demo, scratch, monkeypatch, joined):
+    # Pruning with unstore=True and purge=False stopped half-way leaves the datastore's
+    # records of a dataset whose location is in the trash; its file may be gone already.
+    if not joined:
+        monkeypatch.setattr("butlerfs.datastore_direct._records_query", lambda store: None)
+    run = scratch.run("u/scale/trash")
+    scratch.put(scratch.plain, run, 1, "kept")
+    gone = scratch.put(scratch.plain, run, 2, "trashed")
+    scratch.butler._datastore.trash([gone])
+    listing, _ = _listing(demo.root, [run], None, dataset_types=["scaleTest"])
+    assert [p.rsplit("_", 1)[-1] for p in listing] == ["1.txt"]
+    scratch.butler._datastore.emptyTrash()
+
+
 def test_redefined_chain_invalidates_the_index(demo, scratch):
     from lsst.daf.butler import CollectionType
 
