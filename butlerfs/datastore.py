@@ -126,12 +126,25 @@ class Datastore(abc.ABC):
     serves_paths: bool = True
     """Whether artifacts may be files at rest that a program can open by path."""
 
+    reads_ingest_dates: bool = False
+    """Whether `artifacts_and_ingest_dates` reads the datasets' ingest dates with their records."""
+
     @abc.abstractmethod
     def artifacts(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, tuple[Artifact, ...]]:
         """Return the artifacts of datasets in bulk, sorted by component.
 
         A dataset without records is absent from the result.
         """
+
+    def artifacts_and_ingest_dates(
+        self, ids: Sequence[uuid.UUID]
+    ) -> tuple[dict[uuid.UUID, tuple[Artifact, ...]], dict[uuid.UUID, Any]]:
+        """Return `artifacts` and each dataset's ingest date as the registry stores it.
+
+        Only if `reads_ingest_dates`. A date is an integer (nanoseconds TAI since 1970)
+        or, in repositories made before daf_butler 2.0, a datetime.
+        """
+        raise NotImplementedError(f"{type(self).__name__} reads no ingest dates")
 
     @abc.abstractmethod
     def artifact(

@@ -11,6 +11,11 @@ one query and read as plain rows it costs about 40% less (5,000 datasets of a 10
 PostgreSQL repository: 0.15 s against 0.23-0.34 s), and records are most of a first
 listing's time. A datastore whose tables are not where this module expects them (another
 bridge or table class) is read through ``_export_rows`` as before.
+
+The same query can join the registry's ``dataset`` table for each dataset's ingest date,
+read as the stored integer (nanoseconds TAI) or timestamp: asked of the Butler's query
+system, the date becomes an astropy ``Time`` per row, 50 us per dataset, as much as
+the rest of a piece's query together.
 """
 
 from __future__ import annotations
@@ -54,7 +59,9 @@ class DirectDatastore(Datastore):
         self._stores = [s for s in chained if hasattr(s, "locationFactory")]
         # One resolver per file datastore, shared by all its artifacts (a listing makes millions).
         self._resolvers = [functools.partial(_resolve, s.locationFactory) for s in self._stores]
-        self._records = [_records_query(s) for s in self._stores]
+        dataset_table = _dataset_table(butler)
+        self._records = [_records_query(s, dataset_table) for s in self._stores]
+        self.reads_ingest_dates = bool(self._records) and all(q and q[2] is not None for q in self._records)
 
     def roots(self) -> list[str]:
         """Return the root URI of each file datastore."""
@@ -62,9 +69,23 @@ class DirectDatastore(Datastore):
 
     def artifacts(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, tuple[Artifact, ...]]:
         """Return the artifacts of datasets from the datastore's records, in bulk."""
+        return self._artifacts(ids, None)
+
+    def artifacts_and_ingest_dates(
+        self, ids: Sequence[uuid.UUID]
+    ) -> tuple[dict[uuid.UUID, tuple[Artifact, ...]], dict[uuid.UUID, Any]]:
+        """Return `artifacts` and each dataset's ingest date as stored, read with the records."""
+        dates: dict[uuid.UUID, Any] = {}
+        return self._artifacts(ids, dates), dates
+
+    def _artifacts(
+        self, ids: Sequence[uuid.UUID], dates: dict[uuid.UUID, Any] | None
+    ) -> dict[uuid.UUID, tuple[Artifact, ...]]:
         found: dict[uuid.UUID, list[Artifact]] = {}
         for number, (store, resolve) in enumerate(zip(self._stores, self._resolvers, strict=True)):
-            for dataset_id, path, size, component, checksum, formatter in self._rows(number, store, ids):
+            for dataset_id, path, size, component, checksum, formatter, *date in self._rows(
+                number, store, ids, dates is not None
+            ):
                 found.setdefault(dataset_id, []).append(
                     Artifact(
                         path,
@@ -76,17 +97,23 @@ class DirectDatastore(Datastore):
                         store=number,
                     )
                 )
+                if dates is not None:
+                    dates[dataset_id] = date[0]
         return {k: tuple(sorted(v, key=lambda a: a.component or "")) for k, v in found.items()}
 
-    def _rows(self, number: int, store: Any, ids: Sequence[uuid.UUID]) -> Iterator[tuple[Any, ...]]:
-        """Yield ``(dataset_id, path, file_size, component, checksum, formatter)`` of stored datasets."""
+    def _rows(
+        self, number: int, store: Any, ids: Sequence[uuid.UUID], dated: bool
+    ) -> Iterator[tuple[Any, ...]]:
+        """Yield ``(dataset_id, path, file_size, component, checksum, formatter[, ingest_date])``."""
         query = self._records[number]
         if query is None:
             for batch in store._export_rows(list(ids)):
                 for row in batch:
                     yield tuple(row[c] for c in _COLUMNS)
             return
-        db, select, column = query
+        db, plain, with_dates, column = query
+        select = with_dates if dated else plain
+        assert select is not None
         # Sorted keys read the primary-key index in order (measured: a third less server time).
         ordered = sorted(set(ids))
         for start in range(0, len(ordered), _BATCH):
@@ -94,7 +121,6 @@ class DirectDatastore(Datastore):
             with db.query(select.where(db.make_in_array_constraint(column, batch))) as result:
                 rows = result.fetchall()
             yield from rows
-
     def artifact(
         self,
         dataset_id: uuid.UUID,
@@ -115,11 +141,25 @@ _BATCH = 10_000
 """Datasets per records query (SQLite accepts 32,766 parameters; PostgreSQL takes an array)."""
 
 
-def _records_query(store: Any) -> tuple[Any, sqlalchemy.Select, Any] | None:
-    """Return ``(database, select, dataset_id column)`` reading a file datastore's live records.
+def _dataset_table(butler: DirectButler) -> sqlalchemy.Table | None:
+    """Return the registry's ``dataset`` table (with ``ingest_date``), or `None` if not found."""
+    try:
+        table = butler._registry._managers.datasets._static.dataset  # type: ignore[attr-defined]
+    except AttributeError:
+        return None
+    if not isinstance(table, sqlalchemy.Table) or not {"id", "ingest_date"} <= set(table.c.keys()):
+        return None
+    return table
+
+
+def _records_query(
+    store: Any, dataset_table: sqlalchemy.Table | None
+) -> tuple[Any, sqlalchemy.Select, sqlalchemy.Select | None, Any] | None:
+    """Return ``(database, select, select with ingest dates, dataset_id column)`` of live records.
 
     `None` if the datastore's tables are not the monolithic bridge's and the opaque records
-    table this module knows (then ``_export_rows`` is used).
+    table this module knows (then ``_export_rows`` is used); the select with ingest dates
+    is `None` without the registry's ``dataset`` table.
     """
     bridge, table = getattr(store, "_bridge", None), getattr(getattr(store, "_table", None), "_table", None)
     tables = getattr(bridge, "_tables", None)
@@ -131,8 +171,19 @@ def _records_query(store: Any) -> tuple[Any, sqlalchemy.Select, Any] | None:
     if not all(c in table.c for c in _COLUMNS) or name is None:
         return None
     on = sqlalchemy.and_(location.c.dataset_id == table.c.dataset_id, location.c.datastore_name == name)
-    select = sqlalchemy.select(*(table.c[c] for c in _COLUMNS)).join(location, on)
-    return db, select, table.c.dataset_id
+    columns = [table.c[c] for c in _COLUMNS]
+    select = sqlalchemy.select(*columns).join(location, on)
+    with_dates = None
+    if dataset_table is not None:
+        date = dataset_table.c.ingest_date
+        # The stored value, without the TypeDecorator that makes an astropy Time of it.
+        raw = sqlalchemy.type_coerce(date, getattr(date.type, "impl_instance", date.type))
+        with_dates = (
+            sqlalchemy.select(*columns, raw)
+            .join(location, on)
+            .join(dataset_table, dataset_table.c.id == table.c.dataset_id)
+        )
+    return db, select, with_dates, table.c.dataset_id
 
 
 def _resolve(factory: Any, path: str) -> str:

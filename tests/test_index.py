@@ -166,12 +166,40 @@ def test_new_and_removed_datasets_invalidate_the_index(demo, scratch):
     assert sorted(p.rsplit("_", 1)[-1] for p in third) == ["0.txt", "1.txt"]
 
 
+def test_ingest_dates_read_with_the_records_are_the_butlers(any_demo):
+    # A direct Butler's listing reads ingest dates as stored, with the records; they must
+    # be the dates the Butler's own query returns (as astropy Time, converted by astropy).
+    from lsst.daf.butler import Butler
+
+    index = RepoIndex(any_demo.root, [DEFAULTS])
+    butler = Butler.from_config(any_demo.root)
+    try:
+        assert index.datastore.reads_ingest_dates
+        for dataset_type in any_demo.dataset_counts:
+            rows = index.rows(dataset_type, {}, ingest_dates=True)
+            assert rows is not None and rows.ingest_dates is not None and len(rows) > 0
+            with butler.query() as query:
+                found = query.join_dataset_search(dataset_type, [DEFAULTS]).general(
+                    butler.get_dataset_type(dataset_type).dimensions,
+                    dataset_fields={dataset_type: {"dataset_id", "ingest_date"}},
+                    find_first=True,
+                )
+                id_key, date_key = f"{dataset_type}.dataset_id", f"{dataset_type}.ingest_date"
+                expected = {row[id_key]: row[date_key].utc.unix for row in found}
+            listed = dict(zip(rows.ids, rows.ingest_dates, strict=True))
+            assert listed.keys() == expected.keys()
+            assert max(abs(listed[i] - expected[i]) for i in listed) < 1e-3
+    finally:
+        index.close()
+        butler.close()
+
+
 @pytest.mark.parametrize("joined", [True, False], ids=["joined-query", "export-rows"])
 def test_a_dataset_trashed_but_not_emptied_is_not_listed(demo, scratch, monkeypatch, joined):
     # Pruning with unstore=True and purge=False stopped half-way leaves the datastore's
     # records of a dataset whose location is in the trash; its file may be gone already.
     if not joined:
-        monkeypatch.setattr("butlerfs.datastore_direct._records_query", lambda store: None)
+        monkeypatch.setattr("butlerfs.datastore_direct._records_query", lambda store, dataset_table: None)
     run = scratch.run("u/scale/trash")
     scratch.put(scratch.plain, run, 1, "kept")
     gone = scratch.put(scratch.plain, run, 2, "trashed")
