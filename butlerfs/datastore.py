@@ -142,7 +142,7 @@ class Datastore(abc.ABC):
         """Return `artifacts` and each dataset's ingest date as the registry stores it.
 
         Only if `reads_ingest_dates`. A date is an integer (nanoseconds TAI since 1970)
-        or, in repositories made before daf_butler 2.0, a datetime.
+        or, in registries whose datasets manager has schema 1.x, a naive datetime in UTC.
         """
         raise NotImplementedError(f"{type(self).__name__} reads no ingest dates")
 

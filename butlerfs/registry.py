@@ -317,8 +317,9 @@ class RepoIndex:
         """Return the datasets under a partial data ID (and ``group``) as columns.
 
         Like `datasets`, without an object per dataset. ``ingest_dates`` also fetches each
-        dataset's ingest date, which the Butler converts to an astropy ``Time`` per row
-        (about as costly as the rest of the query together). With ``max_rows``, `None`
+        dataset's ingest date: with the records if the datastore `reads_ingest_dates`,
+        otherwise from the query, which makes an astropy ``Time`` of each (about as costly
+        as the rest of the query together). With ``max_rows``, `None`
         is returned as soon as more rows than that are found (no records are fetched).
         """
         info = self._types[dataset_type]

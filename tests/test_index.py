@@ -166,32 +166,63 @@ def test_new_and_removed_datasets_invalidate_the_index(demo, scratch):
     assert sorted(p.rsplit("_", 1)[-1] for p in third) == ["0.txt", "1.txt"]
 
 
+def _assert_ingest_dates_are_the_butlers(demo) -> None:
+    """The dates a listing reads with the records equal the Butler's own, converted by astropy."""
+    from lsst.daf.butler import Butler
+
+    index = RepoIndex(demo.root, [DEFAULTS])
+    try:
+        butler = Butler.from_config(demo.root)
+        try:
+            assert index.datastore.reads_ingest_dates
+            for dataset_type in demo.dataset_counts:
+                rows = index.rows(dataset_type, {}, ingest_dates=True)
+                assert rows is not None and rows.ingest_dates is not None and len(rows) > 0
+                with butler.query() as query:
+                    found = query.join_dataset_search(dataset_type, [DEFAULTS]).general(
+                        butler.get_dataset_type(dataset_type).dimensions,
+                        dataset_fields={dataset_type: {"dataset_id", "ingest_date"}},
+                        find_first=True,
+                    )
+                    id_key, date_key = f"{dataset_type}.dataset_id", f"{dataset_type}.ingest_date"
+                    expected = {row[id_key]: row[date_key].utc.unix for row in found}
+                listed = dict(zip(rows.ids, rows.ingest_dates, strict=True))
+                assert listed.keys() == expected.keys()
+                assert max(abs(listed[i] - expected[i]) for i in listed) < 1e-3
+        finally:
+            butler.close()
+    finally:
+        index.close()
+
+
 def test_ingest_dates_read_with_the_records_are_the_butlers(any_demo):
     # A direct Butler's listing reads ingest dates as stored, with the records; they must
     # be the dates the Butler's own query returns (as astropy Time, converted by astropy).
-    from lsst.daf.butler import Butler
+    _assert_ingest_dates_are_the_butlers(any_demo)
 
-    index = RepoIndex(any_demo.root, [DEFAULTS])
-    butler = Butler.from_config(any_demo.root)
+
+def test_ingest_dates_of_a_schema_1_registry_are_the_butlers(tmp_path, monkeypatch):
+    # Registries whose datasets manager predates schema 2.0 store ingest_date as a TIMESTAMP
+    # (UTC, naive), not as nanoseconds TAI: read as stored, it is a datetime.
+    import butlerfs.demo
+    from butlerfs.demo import make_demo_repo
+    from butlerfs.formatter import storage_class_config
+
+    def schema_1_config() -> dict:
+        config = storage_class_config()
+        manager = "lsst.daf.butler.registry.datasets.byDimensions.ByDimensionsDatasetRecordStorageManagerUUID"
+        config["registry"] = {"managers": {"datasets": {"cls": manager, "schema_version": "1.0.0"}}}
+        return config
+
+    monkeypatch.setattr(butlerfs.demo, "storage_class_config", schema_1_config)
+    demo = make_demo_repo(str(tmp_path / "repo"), visits=1, detectors=1, image_size=16)
+    connection = sqlite3.connect(tmp_path / "repo" / "gen3.sqlite3")
     try:
-        assert index.datastore.reads_ingest_dates
-        for dataset_type in any_demo.dataset_counts:
-            rows = index.rows(dataset_type, {}, ingest_dates=True)
-            assert rows is not None and rows.ingest_dates is not None and len(rows) > 0
-            with butler.query() as query:
-                found = query.join_dataset_search(dataset_type, [DEFAULTS]).general(
-                    butler.get_dataset_type(dataset_type).dimensions,
-                    dataset_fields={dataset_type: {"dataset_id", "ingest_date"}},
-                    find_first=True,
-                )
-                id_key, date_key = f"{dataset_type}.dataset_id", f"{dataset_type}.ingest_date"
-                expected = {row[id_key]: row[date_key].utc.unix for row in found}
-            listed = dict(zip(rows.ids, rows.ingest_dates, strict=True))
-            assert listed.keys() == expected.keys()
-            assert max(abs(listed[i] - expected[i]) for i in listed) < 1e-3
+        query = "SELECT type FROM pragma_table_info('dataset') WHERE name = 'ingest_date'"
+        assert connection.execute(query).fetchone() == ("TIMESTAMP",)
     finally:
-        index.close()
-        butler.close()
+        connection.close()
+    _assert_ingest_dates_are_the_butlers(demo)
 
 
 @pytest.mark.parametrize("joined", [True, False], ids=["joined-query", "export-rows"])
