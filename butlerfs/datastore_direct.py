@@ -21,6 +21,7 @@ the rest of a piece's query together.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import uuid
 from collections.abc import Iterator, Sequence
@@ -62,7 +63,9 @@ class DirectDatastore(Datastore):
         self._resolvers = [functools.partial(_resolve, s.locationFactory) for s in self._stores]
         dataset_table = _dataset_table(butler)
         self._records = [_records_query(s, dataset_table) for s in self._stores]
-        self.reads_ingest_dates = bool(self._records) and all(q and q[2] is not None for q in self._records)
+        self.reads_ingest_dates = bool(self._records) and all(
+            q is not None and q.with_dates is not None for q in self._records
+        )
 
     def roots(self) -> list[str]:
         """Return the root URI of each file datastore."""
@@ -112,14 +115,14 @@ class DirectDatastore(Datastore):
                 for row in batch:
                     yield tuple(row[c] for c in _COLUMNS)
             return
-        db, plain, with_dates, column = query
-        select = with_dates if dated else plain
+        select = query.with_dates if dated else query.select
         assert select is not None
+        db = query.db
         # Sorted keys read the primary-key index in order (measured: a third less server time).
         ordered = sorted(set(ids))
         for start in range(0, len(ordered), _BATCH):
             batch = ordered[start : start + _BATCH]
-            with db.query(select.where(db.make_in_array_constraint(column, batch))) as result:
+            with db.query(select.where(db.make_in_array_constraint(query.dataset_id, batch))) as result:
                 rows = result.fetchall()
             yield from rows
 
@@ -154,14 +157,23 @@ def _dataset_table(butler: DirectButler) -> sqlalchemy.Table | None:
     return table
 
 
-def _records_query(
-    store: Any, dataset_table: sqlalchemy.Table | None
-) -> tuple[Any, sqlalchemy.Select, sqlalchemy.Select | None, Any] | None:
-    """Return ``(database, select, select with ingest dates, dataset_id column)`` of live records.
+@dataclasses.dataclass(frozen=True)
+class _RecordsQuery:
+    """How to read one file datastore's live records, constrained by ``dataset_id``."""
+
+    db: Any
+    """The registry's `~lsst.daf.butler.registry.interfaces.Database`."""
+    select: sqlalchemy.Select
+    with_dates: sqlalchemy.Select | None
+    """The same with each dataset's ingest date as stored; `None` without the ``dataset`` table."""
+    dataset_id: sqlalchemy.ColumnElement[Any]
+
+
+def _records_query(store: Any, dataset_table: sqlalchemy.Table | None) -> _RecordsQuery | None:
+    """Return how to read a file datastore's live records.
 
     `None` if the datastore's tables are not the monolithic bridge's and the opaque records
-    table this module knows (then ``_export_rows`` is used); the select with ingest dates
-    is `None` without the registry's ``dataset`` table.
+    table this module knows (then ``_export_rows`` is used).
     """
     bridge, table = getattr(store, "_bridge", None), getattr(getattr(store, "_table", None), "_table", None)
     tables = getattr(bridge, "_tables", None)
@@ -185,7 +197,7 @@ def _records_query(
             .join(location, on)
             .join(dataset_table, dataset_table.c.id == table.c.dataset_id)
         )
-    return db, select, with_dates, table.c.dataset_id
+    return _RecordsQuery(db, select, with_dates, table.c.dataset_id)
 
 
 def _resolve(factory: Any, path: str) -> str:

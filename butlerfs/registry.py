@@ -326,13 +326,14 @@ class RepoIndex:
         find_first = not (info.is_calibration and self._calibration_collections)
         # A direct Butler's datastore reads the dates with the records, cheaper than the query.
         dated_records = ingest_dates and self.datastore.reads_ingest_dates
-        fields: Any = {"dataset_id", "run", *(["ingest_date"] if ingest_dates and not dated_records else [])}
+        dated_query = ingest_dates and not dated_records
+        fields: Any = {"dataset_id", "run", *(["ingest_date"] if dated_query else [])}
         id_key, run_key, date_key = (f"{dataset_type}.{f}" for f in ("dataset_id", "run", "ingest_date"))
         dims = info.dimensions
         values: list[list[DataIdValue]] = [[] for _ in dims]
         ids: list[uuid.UUID] = []
         runs: list[str] = []
-        dates: list[float] | None = [] if ingest_dates else None
+        dates: list[float] | None = [] if dated_query else None
         seen: set[uuid.UUID] = set()
         with self._query() as butler, butler.query() as query:
             query = query.join_dataset_search(dataset_type, self.collections)
@@ -349,7 +350,7 @@ class RepoIndex:
                 runs.append(row[run_key])
                 for column, dim in zip(values, dims, strict=True):
                     column.append(row[dim])
-                if dates is not None and not dated_records:
+                if dates is not None:
                     dates.append(_as_timestamp(row[date_key]))
             if max_rows is not None and len(ids) > max_rows:
                 return None

@@ -828,7 +828,7 @@ class ButlerSource:
             if slot.group is not None:
                 members = [v for v in peeks if _has(slot.group[1], v)]
             else:
-                members = [v for v in (slot.fixed[-1][1],) if v in peeks]
+                members = [slot.fixed[-1][1]] if slot.fixed[-1][1] in peeks else []
             for value in members:
                 self._retire(peeks.pop(value))
         slot.node = node
