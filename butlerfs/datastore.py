@@ -146,6 +146,13 @@ class Datastore(abc.ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} reads no ingest dates")
 
+    def artifacts_selected(self, selection: Any) -> dict[uuid.UUID, tuple[Artifact, ...]]:
+        """Return the artifacts of the datasets whose IDs ``selection``, a query of the registry, selects.
+
+        Only a direct Butler's datastore, whose records are in the registry's database.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot join a registry query")
+
     @abc.abstractmethod
     def artifact(
         self,

@@ -82,8 +82,18 @@ class DirectDatastore(Datastore):
         dates: dict[uuid.UUID, Any] = {}
         return self._artifacts(ids, dates), dates
 
+    def artifacts_selected(self, selection: sqlalchemy.Select) -> dict[uuid.UUID, tuple[Artifact, ...]]:
+        """Return the artifacts of the datasets whose IDs a query of the registry selects.
+
+        The records are joined with the query (``dataset_id IN (SELECT ...)``) rather than
+        matched against a list of IDs: PostgreSQL then walks the query's index into the
+        records' primary key, where a list of 5,000 IDs made it scan the whole records
+        table (0.07-0.12 s against 0.2-0.33 s at 10^6).
+        """
+        return self._artifacts(selection, None)
+
     def _artifacts(
-        self, ids: Sequence[uuid.UUID], dates: dict[uuid.UUID, Any] | None
+        self, ids: Sequence[uuid.UUID] | sqlalchemy.Select, dates: dict[uuid.UUID, Any] | None
     ) -> dict[uuid.UUID, tuple[Artifact, ...]]:
         found: dict[uuid.UUID, list[Artifact]] = {}
         for number, (store, resolve) in enumerate(zip(self._stores, self._resolvers, strict=True)):
@@ -106,11 +116,14 @@ class DirectDatastore(Datastore):
         return {k: tuple(sorted(v, key=lambda a: a.component or "")) for k, v in found.items()}
 
     def _rows(
-        self, number: int, store: Any, ids: Sequence[uuid.UUID], dated: bool
+        self, number: int, store: Any, ids: Sequence[uuid.UUID] | sqlalchemy.Select, dated: bool
     ) -> Iterator[tuple[Any, ...]]:
         """Yield ``(dataset_id, path, file_size, component, checksum, formatter[, ingest_date])``."""
         query = self._records[number]
         if query is None:
+            if isinstance(ids, sqlalchemy.Select):
+                with self._butler._registry._db.query(ids) as result:
+                    ids = list(result.scalars())
             for batch in store._export_rows(list(ids)):
                 for row in batch:
                     yield tuple(row[c] for c in _COLUMNS)
@@ -118,6 +131,10 @@ class DirectDatastore(Datastore):
         select = query.with_dates if dated else query.select
         assert select is not None
         db = query.db
+        if isinstance(ids, sqlalchemy.Select):
+            with db.query(select.where(query.dataset_id.in_(ids))) as result:
+                yield from result.fetchall()
+            return
         # Sorted keys read the primary-key index in order (measured: a third less server time).
         ordered = sorted(set(ids))
         for start in range(0, len(ordered), _BATCH):

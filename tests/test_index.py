@@ -144,7 +144,7 @@ def scratch(demo, tmp_path):
 
     yield SimpleNamespace(butler=butler, plain=plain, calib=calib, run=run, other=other, put=put,
                           index=tmp_path / "index")
-    for name in others:
+    for name in reversed(others):  # a chain before the collections it holds
         butler.registry.removeCollection(name)
     butler.removeRuns(runs)
     for dataset_type in (plain, calib):

@@ -1,0 +1,274 @@
+"""Listing queries read from a direct Butler's tags tables, not through the query system.
+
+Listing a directory asks for the distinct values of its dimension among the datasets
+under it. daf_butler's query system answers with a ``SELECT DISTINCT`` over the dataset
+type's tags table joined with the tables of its dimensions' records (``visit`` and
+``physical_filter`` for a ``calexp``): for the 100 detectors of a 10^6-dataset collection
+on PostgreSQL, 0.38 s of SQL plus about 0.15 s building the query. Those joins never drop a
+row (the tags table's foreign keys guarantee the records exist), so this module reads the
+same values from the tags table alone:
+
+* when the directory's dimensions lead the table's unique index (dataset type,
+  collection, then the required dimensions in universe order, as daf_butler creates
+  it), a recursive query steps through the index one value at a time, a loose index
+  scan that neither PostgreSQL 15 nor SQLite does by itself: 3 ms for those 100
+  detectors;
+* once that walk has found `WALK_LIMIT` values without reaching the end (the 10,000
+  visits of a detector), one plain ``DISTINCT`` reads them, an index range scan (14 ms).
+
+The state check's count of the datasets of a type in a RUN collection (`TagsTable.count`)
+is read from the same table: 0.07 s for 10^6 on PostgreSQL, 0.22 s through the query system.
+
+The Butler answers instead (`TagsTable.distinct` returns `None`) whenever its answer could
+differ or the tables are not where this module expects them: a CALIBRATION collection in
+the search path (its datasets are in another table), a dimension that is not a column of
+the tags table, another dataset or collection manager.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy
+from lsst.daf.butler import CollectionType
+from lsst.daf.butler.direct_butler import DirectButler
+from lsst.daf.butler.registry.wildcards import CollectionWildcard
+
+from .layout import DataIdValue
+
+__all__ = ["WALK_LIMIT", "TagsTable", "tags_table"]
+
+WALK_LIMIT = 256
+"""Values found one index probe at a time before one ``DISTINCT`` reads them all.
+
+A probe costs about 15 us of PostgreSQL time, a row of a ``DISTINCT`` about 0.15 us: the
+walk wins while a directory has fewer values than about 1% of its datasets, and a
+directory with many values wastes at most this many probes (4 ms) before the scan."""
+
+_WALKED_COLLECTIONS = 8
+"""Most collections walked one by one (the index leads with the collection); more: one scan."""
+
+_TAGGED = (CollectionType.RUN, CollectionType.TAGGED)
+
+
+def tags_table(butler: Any) -> TagsTable | None:
+    """Return a reader of ``butler``'s tags tables, or `None` for a Butler without them here."""
+    if not isinstance(butler, DirectButler):
+        return None
+    try:
+        registry = butler._registry
+        return TagsTable(registry._db, registry._managers.datasets, registry._managers.collections)
+    except AttributeError:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Search:
+    """One dataset type's tags table and the collections a search reads in it."""
+
+    table: sqlalchemy.Table
+    type_id: int
+    collection: sqlalchemy.Column
+    """The table's collection key column."""
+    keys: list[Any]
+    """The keys of the RUN and TAGGED collections searched, in search order."""
+    leading: list[str]
+    """The dimensions of the table's unique index, in its order (after type and collection)."""
+
+    def where(self, fixed: Mapping[str, DataIdValue]) -> list[Any]:
+        """The conditions of a partial data ID, in every collection searched."""
+        c = self.table.c
+        return [c.dataset_type_id == self.type_id, *(c[d] == v for d, v in fixed.items())]
+
+    def has(self, *dimensions: str) -> bool:
+        """Whether the table has a column for each dimension."""
+        return all(d in self.table.c for d in dimensions)
+
+
+class TagsTable:
+    """The tags tables of a direct Butler's registry (used under its owner's lock).
+
+    Parameters
+    ----------
+    db : `lsst.daf.butler.registry.interfaces.Database`
+        The registry's database.
+    datasets, collections
+        The registry's dataset and collection managers.
+    """
+
+    def __init__(self, db: Any, datasets: Any, collections: Any) -> None:
+        self._db = db
+        self._datasets = datasets
+        self._collections = collections
+
+    def distinct(
+        self,
+        dataset_type: str,
+        collections: Sequence[str],
+        fixed: Mapping[str, DataIdValue],
+        dimension: str,
+    ) -> list[DataIdValue] | None:
+        """Return the sorted values of ``dimension`` among the datasets under ``fixed``.
+
+        The values `RepoIndex.distinct` asks the Butler for, found in its collections
+        (CHAINED ones flattened), without a ``where``; `None` if this module cannot tell.
+        """
+        search = self._search(dataset_type, collections)
+        if search is None or not search.has(*fixed, dimension):
+            return None
+        column, where, leading = search.table.c[dimension], search.where(fixed), search.leading
+        if (
+            len(search.keys) <= _WALKED_COLLECTIONS
+            and set(leading[: len(fixed)]) == set(fixed)
+            and leading[len(fixed) : len(fixed) + 1] == [dimension]
+        ):
+            values: set[DataIdValue] = set()
+            for key in search.keys:
+                walked = self._walk(column, [*where, search.collection == key])
+                if walked is None:
+                    break
+                values.update(walked)
+            else:
+                return sorted(values)
+        scan = sqlalchemy.select(column).where(*where, search.collection.in_(search.keys)).distinct()
+        with self._db.query(scan) as result:
+            return sorted(result.scalars())
+
+    def count(self, dataset_type: str, run: str) -> int | None:
+        """Return how many datasets of a type a RUN collection holds; `None` if this module cannot tell."""
+        search = self._search(dataset_type, [run])
+        if search is None or self._collections.find(run).type != CollectionType.RUN:
+            return None
+        query = sqlalchemy.select(sqlalchemy.func.count()).where(
+            *search.where({}), search.collection == search.keys[0]
+        )
+        with self._db.query(query) as result:
+            return int(result.scalar_one())
+
+    def rows(
+        self,
+        dataset_type: str,
+        collections: Sequence[str],
+        dimensions: Sequence[str],
+        fixed: Mapping[str, DataIdValue],
+        group: tuple[str, Sequence[DataIdValue]] | None,
+        *,
+        dates: bool,
+        max_rows: int | None,
+    ) -> tuple[list[tuple[Any, ...]], sqlalchemy.Select] | None:
+        """Return ``(dataset_id, run, ingest_date, *data ID)`` of each dataset under a partial data ID.
+
+        What `RepoIndex.rows` asks the Butler for: the datasets a find-first search of
+        ``collections`` finds, narrowed to ``group``'s values of one dimension (a range
+        for integers); their data IDs in ``dimensions`` order; the ingest date as
+        stored (nanoseconds TAI, or a naive UTC timestamp), `None` without ``dates``.
+        With ``max_rows``, at most ``max_rows + 1`` datasets. Also returned: a query
+        of the IDs of these datasets and maybe others (those a find-first search passed
+        over), for `DirectDatastore.artifacts_selected`. `None` if this module cannot tell.
+        """
+        search = self._search(dataset_type, collections)
+        dataset = getattr(getattr(self._datasets, "_static", None), "dataset", None)
+        run_column = self._collections.getRunForeignKeyName()
+        if (
+            search is None
+            or not isinstance(dataset, sqlalchemy.Table)
+            or not {run_column, "id", "ingest_date"} <= set(dataset.c.keys())
+            or not search.has(*dimensions, *fixed, *(group[:1] if group else ()))
+        ):
+            return None
+        table = search.table
+        where = [*search.where(fixed), search.collection.in_(search.keys)]
+        if group is not None:
+            column, values = table.c[group[0]], group[1]
+            if all(type(v) is int for v in values):  # as _narrow: siblings are a range
+                where.append(column.between(min(values), max(values)))
+            else:
+                where.append(column.in_(list(values)))
+        date = dataset.c.ingest_date
+        # The stored value, without the TypeDecorator that makes an astropy Time of it.
+        raw = sqlalchemy.type_coerce(date, getattr(date.type, "impl_instance", date.type))
+        query = (
+            sqlalchemy.select(
+                table.c.dataset_id,
+                search.collection,
+                dataset.c[run_column],
+                raw if dates else sqlalchemy.null(),
+                *(table.c[d] for d in dimensions),
+            )
+            .select_from(table.join(dataset, dataset.c.id == table.c.dataset_id))
+            .where(*where)
+        )
+        if max_rows is not None:
+            # A data ID is in each collection at most once: this many rows hold more than
+            # max_rows data IDs, fewer are all of them.
+            query = query.limit((max_rows + 1) * len(search.keys))
+        with self._db.query(query) as result:
+            rows = result.fetchall()
+        if len(search.keys) > 1:
+            rows = _first_found(rows, search.keys)
+        names = {key: self._collections[key].name for key in {row[2] for row in rows}}
+        ids = sqlalchemy.select(table.c.dataset_id).where(*where)
+        return [(row[0], names[row[2]], row[3], *row[4:]) for row in rows], ids
+
+    def _walk(self, column: Any, where: list[Any]) -> list[DataIdValue] | None:
+        """The distinct values of ``column`` one index probe each; `None` past `WALK_LIMIT`."""
+        first = sqlalchemy.select(sqlalchemy.func.min(column).label("value")).where(*where)
+        found = first.cte("butlerfs_values", recursive=True)
+        after = sqlalchemy.select(sqlalchemy.func.min(column)).where(*where, column > found.c.value)
+        found = found.union_all(
+            sqlalchemy.select(after.scalar_subquery()).select_from(found).where(found.c.value.is_not(None))
+        )
+        query = sqlalchemy.select(found.c.value).where(found.c.value.is_not(None)).limit(WALK_LIMIT + 1)
+        with self._db.query(query) as result:
+            values = list(result.scalars())
+        return values if len(values) <= WALK_LIMIT else None
+
+    def _search(self, dataset_type: str, collections: Sequence[str]) -> _Search | None:
+        """Return where a search of ``collections`` finds a type's datasets; `None` if not all in tags.
+
+        A CALIBRATION collection holds only calibration types' datasets, in another
+        table: skipped for any other type (a search path like ``LSSTCam/defaults`` has
+        one), left to the Butler for a calibration type.
+        """
+        try:
+            storage = self._datasets._find_storage(dataset_type)
+            table = self._datasets._get_tags_table(storage.dynamic_tables)
+            name = self._collections.getCollectionForeignKeyName()
+        except AttributeError:
+            return None
+        if not isinstance(table, sqlalchemy.Table) or not {"dataset_type_id", name} <= set(table.c.keys()):
+            return None
+        records = self._collections.resolve_wildcard(
+            CollectionWildcard.from_expression(list(collections)), flatten_chains=True
+        )
+        calibrations = [r for r in records if r.type == CollectionType.CALIBRATION]
+        if calibrations and storage.dataset_type.isCalibration():
+            return None
+        if any(r.type not in _TAGGED for r in records if r not in calibrations):
+            return None
+        leading: list[str] = []
+        for constraint in table.constraints:
+            names = [c.name for c in getattr(constraint, "columns", ())]
+            if isinstance(constraint, sqlalchemy.UniqueConstraint) and names[:2] == ["dataset_type_id", name]:
+                leading = names[2:]
+        keys = [r.key for r in records if r.type in _TAGGED]
+        return _Search(table, storage.dataset_type_id, table.c[name], keys, leading)
+
+
+def _first_found(rows: Sequence[Any], keys: list[Any]) -> list[Any]:
+    """Keep each data ID's row from the first collection searched.
+
+    ``rows`` are ``(dataset_id, collection key, run key, ingest date, *data ID)``.
+    """
+    rank: dict[Any, int] = {}
+    for position, key in enumerate(keys):
+        rank.setdefault(key, position)
+    first: dict[tuple[Any, ...], Any] = {}
+    for row in rows:
+        data_id = tuple(row[4:])
+        held = first.get(data_id)
+        if held is None or rank[row[1]] < rank[held[1]]:
+            first[data_id] = row
+    return list(first.values())
