@@ -70,7 +70,7 @@ class MountOptions:
     dataset_types: Sequence[str] = ()
     where: str = ""
     refresh: float = 60.0
-    subtree_limit: int = 5_000
+    subtree_limit: int = 2_500
     layout: str = "default"
     """``default`` or ``flat`` (no directory for the last dimension)."""
     mtime: str = "ingest"

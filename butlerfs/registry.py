@@ -337,18 +337,20 @@ class RepoIndex:
         find_first = not (info.is_calibration and self._calibration_collections)
         dims = info.dimensions
         with self._query() as butler:
-            direct = None
+            answer = None
             if self._tags is not None and find_first and not self.where:
-                direct = self._tags.rows(
+                answer = self._tags.rows(
                     dataset_type, self.collections, dims, fixed, group, dates=ingest_dates, max_rows=max_rows
                 )
-            selection = None
-            if direct is not None:
-                direct, selection = direct
-                ids = [row[0] for row in direct]
-                runs = [row[1] for row in direct]
-                dates = [_as_timestamp(row[2]) for row in direct] if ingest_dates else None
-                values = [[row[3 + k] for row in direct] for k in range(len(dims))]
+            selection: Any = None
+            ids: list[uuid.UUID]
+            dates: list[float] | None
+            if answer is not None:
+                found_rows, selection = answer
+                ids = [row[0] for row in found_rows]
+                runs = [row[1] for row in found_rows]
+                dates = [_as_timestamp(row[2]) for row in found_rows] if ingest_dates else None
+                values = [[row[3 + k] for row in found_rows] for k in range(len(dims))]
                 dated_records = False
             else:
                 # A direct Butler's datastore reads the dates with the records, cheaper than the query.

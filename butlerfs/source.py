@@ -83,7 +83,7 @@ SINCE_RENEWAL = 3600.0
 ISOLATE_ABOVE = 1_000
 """Datasets a run of siblings is expected to hold above which the first lookup of one of its
 values, before the run is loaded, fetches that value's subtree alone: an ``ls`` of one
-directory waits for its own datasets, not for its 5,000 siblings'. The next lookup of
+directory waits for its own datasets, not for its 2,500 siblings'. The next lookup of
 another value loads the run whole, as the index stores it (a walk's one extra query per run)."""
 
 PEEKS_BEFORE_LISTING = 16
@@ -244,7 +244,10 @@ class ButlerSource:
     refresh : `float`, optional
         Seconds a listing is trusted before the registry is asked whether it changed.
     subtree_limit : `int`, optional
-        Most datasets fetched by one query.
+        Most datasets fetched by one query. The default keeps a run's load, the first
+        ``ls`` of its second directory, near 0.2 s at 10^6 datasets on PostgreSQL (a run of
+        5,000 took 0.33-0.69 s); a walk of the default layout then makes twice the queries
+        of 5,000, about 1% slower.
     opener : `~butlerfs.artifacts.ArtifactOpener`, optional
         Opens artifacts; the default reads POSIX artifacts only.
     clock : callable, optional
@@ -264,7 +267,7 @@ class ButlerSource:
         index: RepoIndex,
         *,
         refresh: float = 60.0,
-        subtree_limit: int = 5_000,
+        subtree_limit: int = 2_500,
         opener: artifacts.ArtifactOpener | None = None,
         clock: Callable[[], float] = time.monotonic,
         memory_limit: int = 1 << 30,

@@ -55,6 +55,7 @@ def test_design_import_rules():
         "mfusepy": {"fuse_ops.py"},
         "lsst.daf.butler": {
             "registry.py",
+            "registry_direct.py",
             "datastore_direct.py",
             "datastore_remote.py",
             "demo.py",
