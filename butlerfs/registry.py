@@ -172,8 +172,8 @@ class RepoIndex:
         self._lock = threading.Lock()
         self._butler = open_butler(repo)
         self.datastore: Datastore = datastore_for(self._butler)
-        self._tags = tags_table(self._butler)
         """The records and artifact URIs of the repository's datastore."""
+        self._tags = tags_table(self._butler)  # None for a Butler server
         self._location = ""  # for messages; read from the configuration at the first fault
         self._down_since: float | None = None
         with _opening(repo):
@@ -326,7 +326,7 @@ class RepoIndex:
 
         Like `datasets`, without an object per dataset. A direct Butler's are read from
         its tags table (`butlerfs.registry_direct`) unless a ``where`` constrains the mount
-        or calibration collections are searched. ``ingest_dates`` also fetches each
+        or a calibration type is searched in CALIBRATION collections. ``ingest_dates`` also fetches each
         dataset's ingest date: as stored, from the tags query or with the records if the
         datastore `reads_ingest_dates`; otherwise from the Butler's query, which makes an
         astropy ``Time`` of each (about as costly as the rest of the query together). With

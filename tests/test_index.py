@@ -166,11 +166,17 @@ def test_new_and_removed_datasets_invalidate_the_index(demo, scratch):
     assert sorted(p.rsplit("_", 1)[-1] for p in third) == ["0.txt", "1.txt"]
 
 
-def _assert_ingest_dates_are_the_butlers(demo) -> None:
-    """The dates a listing reads with the records equal the Butler's own, converted by astropy."""
+def _assert_ingest_dates_are_the_butlers(demo, tags: bool = True) -> None:
+    """The dates a listing reads as stored equal the Butler's own, converted by astropy.
+
+    Read with the datasets from the tags table, or (``tags=False``, as when a ``where``
+    constrains the mount) with the datastore records.
+    """
     from lsst.daf.butler import Butler
 
     index = RepoIndex(demo.root, [DEFAULTS])
+    if not tags:
+        index._tags = None
     try:
         butler = Butler.from_config(demo.root)
         try:
@@ -195,10 +201,11 @@ def _assert_ingest_dates_are_the_butlers(demo) -> None:
         index.close()
 
 
-def test_ingest_dates_read_with_the_records_are_the_butlers(any_demo):
-    # A direct Butler's listing reads ingest dates as stored, with the records; they must
-    # be the dates the Butler's own query returns (as astropy Time, converted by astropy).
-    _assert_ingest_dates_are_the_butlers(any_demo)
+@pytest.mark.parametrize("tags", [True, False], ids=["with-the-datasets", "with-the-records"])
+def test_ingest_dates_read_as_stored_are_the_butlers(any_demo, tags):
+    # A direct Butler's listing reads ingest dates as stored; they must be the dates the
+    # Butler's own query returns (as astropy Time, converted by astropy).
+    _assert_ingest_dates_are_the_butlers(any_demo, tags)
 
 
 def test_ingest_dates_of_a_schema_1_registry_are_the_butlers(tmp_path, monkeypatch):
@@ -222,7 +229,8 @@ def test_ingest_dates_of_a_schema_1_registry_are_the_butlers(tmp_path, monkeypat
         assert connection.execute(query).fetchone() == ("TIMESTAMP",)
     finally:
         connection.close()
-    _assert_ingest_dates_are_the_butlers(demo)
+    _assert_ingest_dates_are_the_butlers(demo, tags=True)
+    _assert_ingest_dates_are_the_butlers(demo, tags=False)
 
 
 @pytest.mark.parametrize("joined", [True, False], ids=["joined-query", "export-rows"])
