@@ -79,6 +79,8 @@ class _Search:
     """The keys of the RUN and TAGGED collections searched, in search order."""
     leading: list[str]
     """The dimensions of the table's unique index, in its order (after type and collection)."""
+    names: dict[Any, str]
+    """The names of the RUN and TAGGED collections searched, by key."""
 
     def where(self, fixed: Mapping[str, DataIdValue]) -> list[Any]:
         """The conditions of a partial data ID, in every collection searched."""
@@ -211,7 +213,11 @@ class TagsTable:
             rows = result.fetchall()
         if len(search.keys) > 1:
             rows = _first_found(rows, search.keys)
-        names = {key: self._collections[key].name for key in {row[2] for row in rows}}
+        # A run searched is named by the records the search resolved; only the run of a
+        # dataset found in a TAGGED collection may need its own lookup (one query each).
+        names = dict(search.names)
+        for key in {row[2] for row in rows} - names.keys():
+            names[key] = self._collections[key].name
         ids = sqlalchemy.select(table.c.dataset_id).where(*where)
         return [(row[0], names[row[2]], row[3], *row[4:]) for row in rows], ids
 
@@ -257,7 +263,8 @@ class TagsTable:
             if isinstance(constraint, sqlalchemy.UniqueConstraint) and names[:2] == ["dataset_type_id", name]:
                 leading = names[2:]
         keys = [r.key for r in records if r.type in _TAGGED]
-        return _Search(table, storage.dataset_type_id, table.c[name], keys, leading)
+        named = {r.key: r.name for r in records if r.type in _TAGGED}
+        return _Search(table, storage.dataset_type_id, table.c[name], keys, leading, named)
 
 
 def _first_found(rows: Sequence[Any], keys: list[Any]) -> list[Any]:

@@ -150,3 +150,37 @@ def test_certified_calibrations_and_where_are_left_to_the_butler(demo, scratch, 
     finally:
         index.close()
     assert not any(spy.answered.values())
+
+
+def test_runs_searched_are_named_without_a_query_each(demo, scratch, monkeypatch):  # noqa: F811
+    from lsst.daf.butler import CollectionType
+
+    runs = [scratch.run(f"u/tags/many{i}") for i in range(3)]
+    for detector, run in enumerate(runs):
+        scratch.put(scratch.plain, run, detector, f"many {detector}")
+    aside = scratch.run("u/tags/aside")  # not searched: its dataset is found through a TAGGED collection
+    tagged = scratch.other("u/tags/picked", CollectionType.TAGGED)
+    scratch.butler.registry.associate(tagged, [scratch.put(scratch.plain, aside, 0, "aside 0")])
+    chain = scratch.other("u/tags/many", CollectionType.CHAINED)
+    scratch.butler.collections.redefine_chain(chain, [tagged, *runs])
+    direct, butler = _pair(demo.root, [chain], dataset_types=["scaleTest"])
+    manager = direct._tags._collections
+    looked_up: list[str] = []
+    original = type(manager).__getitem__
+
+    def getitem(self, key):
+        record = original(self, key)
+        if self is manager:
+            looked_up.append(record.name)
+        return record
+
+    monkeypatch.setattr(type(manager), "__getitem__", getitem)
+    try:
+        mine = _rows(direct, "scaleTest", {}, ingest_dates=True)
+        assert mine == _rows(butler, "scaleTest", {}, ingest_dates=True)
+    finally:
+        direct.close()
+        butler.close()
+    assert sorted(row[1] for row in mine) == sorted([aside, *runs[1:]])
+    # A chain of many runs cost one collection query per run holding a dataset of the piece.
+    assert looked_up == [aside]
