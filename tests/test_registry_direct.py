@@ -92,6 +92,24 @@ def test_tags_answers_are_the_butlers(any_demo, monkeypatch, walk_limit):
     assert all(spy.answered.values()), spy.answered
 
 
+def test_calibration_types_searched_in_their_run(any_demo, monkeypatch):
+    # No CALIBRATION collection searched: bias and flat come from the tags table, flat's
+    # physical_filter a string dimension (walked, narrowed by a group of strings), the RUN
+    # searched twice around a chain that does not hold them.
+    collections = any_demo.collections
+    run = next(name for name, kind in collections.items() if kind == "RUN" and "/calib/" in name)
+    chain = next(name for name, kind in collections.items() if kind == "CHAINED" and name != DEFAULTS)
+    spy = _Spy(monkeypatch)
+    direct, butler = _pair(any_demo.root, [run, chain, run], dataset_types=["bias", "flat"])
+    try:
+        compared = sum(_compare(direct, butler, name) for name in ("bias", "flat"))
+        assert compared > any_demo.dataset_counts["bias"] + any_demo.dataset_counts["flat"]
+    finally:
+        direct.close()
+        butler.close()
+    assert spy.answered["rows"] and spy.answered["distinct"], spy.answered
+
+
 def test_find_first_through_a_chain_with_a_tagged_collection(demo, scratch, monkeypatch):  # noqa: F811
     from lsst.daf.butler import CollectionType
 
