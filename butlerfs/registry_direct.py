@@ -162,7 +162,7 @@ class TagsTable:
         *,
         dates: bool,
         max_rows: int | None,
-    ) -> tuple[list[tuple[Any, ...]], sqlalchemy.Select] | None:
+    ) -> tuple[list[tuple[Any, ...]], sqlalchemy.Select | None] | None:
         """Return ``(dataset_id, run, ingest_date, *data ID)`` of each dataset under a partial data ID.
 
         What `RepoIndex.rows` asks the Butler for: the datasets a find-first search of
@@ -170,8 +170,10 @@ class TagsTable:
         for integers); their data IDs in ``dimensions`` order; the ingest date as
         stored (nanoseconds TAI, or a naive UTC timestamp), `None` without ``dates``.
         With ``max_rows``, at most ``max_rows + 1`` datasets. Also returned: a query
-        of the IDs of these datasets and maybe others (those a find-first search passed
-        over), for `DirectDatastore.artifacts_selected`. `None` if this module cannot tell.
+        of the IDs of these datasets, for `DirectDatastore.artifacts_selected`, when the
+        search passed over none (`None` otherwise: that query would also select every
+        dataset a find-first search passed over, and a chain of reruns of the same data
+        IDs would have the records of all of them read). `None` if this module cannot tell.
         """
         search = self._search(dataset_type, collections)
         dataset = getattr(getattr(self._datasets, "_static", None), "dataset", None)
@@ -211,6 +213,7 @@ class TagsTable:
             query = query.limit((max_rows + 1) * len(search.keys))
         with self._db.query(query) as result:
             rows = result.fetchall()
+        fetched = len(rows)
         if len(search.keys) > 1:
             rows = _first_found(rows, search.keys)
         # A run searched is named by the records the search resolved; only the run of a
@@ -218,7 +221,9 @@ class TagsTable:
         names = dict(search.names)
         for key in {row[2] for row in rows} - names.keys():
             names[key] = self._collections[key].name
-        ids = sqlalchemy.select(table.c.dataset_id).where(*where)
+        # Measured on SQLite, 2,000 data IDs in each of 8 RUNs of a chain: the records of
+        # the query 0.37-0.53 s, of the IDs found 0.06-0.11 s; of a single RUN, as fast.
+        ids = sqlalchemy.select(table.c.dataset_id).where(*where) if fetched == len(rows) else None
         return [(row[0], names[row[2]], row[3], *row[4:]) for row in rows], ids
 
     def _walk(self, column: Any, where: list[Any]) -> list[DataIdValue] | None:
