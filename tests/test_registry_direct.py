@@ -170,7 +170,7 @@ def test_certified_calibrations_and_where_are_left_to_the_butler(demo, scratch, 
     assert not any(spy.answered.values())
 
 
-def test_runs_searched_are_named_without_a_query_each(demo, scratch, monkeypatch):  # noqa: F811
+def test_a_chain_of_runs_reads_only_what_it_finds(demo, scratch, monkeypatch):  # noqa: F811
     from lsst.daf.butler import CollectionType
 
     runs = [scratch.run(f"u/tags/many{i}") for i in range(3)]
@@ -196,9 +196,16 @@ def test_runs_searched_are_named_without_a_query_each(demo, scratch, monkeypatch
     try:
         mine = _rows(direct, "scaleTest", {}, ingest_dates=True)
         assert mine == _rows(butler, "scaleTest", {}, ingest_dates=True)
+        named = list(looked_up)
+        # The records are read for the datasets found: not for many0's, passed over.
+        found, selection = direct._tags.rows(
+            "scaleTest", [chain], ["instrument", "detector"], {}, None, dates=False, max_rows=None
+        )
+        with direct._butler._registry._db.query(selection) as result:
+            assert set(result.scalars()) == {row[0] for row in found} == {row[0] for row in mine}
     finally:
         direct.close()
         butler.close()
     assert sorted(row[1] for row in mine) == sorted([aside, *runs[1:]])
     # A chain of many runs cost one collection query per run holding a dataset of the piece.
-    assert looked_up == [aside]
+    assert named == [aside]
