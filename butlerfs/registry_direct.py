@@ -85,7 +85,7 @@ class _Search:
     """The names of the RUN and TAGGED collections searched, by key."""
 
     def where(self, fixed: Mapping[str, DataIdValue]) -> list[Any]:
-        """The conditions of a partial data ID, in every collection searched."""
+        """The conditions of the type and a partial data ID (each query adds the collections')."""
         c = self.table.c
         return [c.dataset_type_id == self.type_id, *(c[d] == v for d, v in fixed.items())]
 
