@@ -32,6 +32,7 @@ from lsst.daf.butler.datastore.stored_file_info import NULLSTR
 from lsst.daf.butler.direct_butler import DirectButler
 from lsst.resources import ResourcePath
 
+from . import registry_direct
 from .datastore import Artifact, Datastore
 
 __all__ = ["DirectDatastore", "serves"]
@@ -61,7 +62,7 @@ class DirectDatastore(Datastore):
         self._stores = [s for s in chained if hasattr(s, "locationFactory")]
         # One resolver per file datastore, shared by all its artifacts (a listing makes millions).
         self._resolvers = [functools.partial(_resolve, s.locationFactory) for s in self._stores]
-        dataset_table = _dataset_table(butler)
+        dataset_table = registry_direct.dataset_table(butler)
         self._records = [_records_query(s, dataset_table) for s in self._stores]
         self.reads_ingest_dates = bool(self._records) and all(
             q is not None and q.with_dates is not None for q in self._records
@@ -163,17 +164,6 @@ _BATCH = 10_000
 """Datasets per records query (SQLite accepts 32,766 parameters; PostgreSQL takes an array)."""
 
 
-def _dataset_table(butler: DirectButler) -> sqlalchemy.Table | None:
-    """Return the registry's ``dataset`` table (with ``ingest_date``), or `None` if not found."""
-    try:
-        table = butler._registry._managers.datasets._static.dataset  # type: ignore[attr-defined]
-    except AttributeError:
-        return None
-    if not isinstance(table, sqlalchemy.Table) or not {"id", "ingest_date"} <= set(table.c.keys()):
-        return None
-    return table
-
-
 @dataclasses.dataclass(frozen=True)
 class _RecordsQuery:
     """How to read one file datastore's live records, constrained by ``dataset_id``."""
@@ -206,11 +196,8 @@ def _records_query(store: Any, dataset_table: sqlalchemy.Table | None) -> _Recor
     select = sqlalchemy.select(*columns).join(location, on)
     with_dates = None
     if dataset_table is not None:
-        date = dataset_table.c.ingest_date
-        # The stored value, without the TypeDecorator that makes an astropy Time of it.
-        raw = sqlalchemy.type_coerce(date, getattr(date.type, "impl_instance", date.type))
         with_dates = (
-            sqlalchemy.select(*columns, raw)
+            sqlalchemy.select(*columns, registry_direct.stored_ingest_date(dataset_table))
             .join(location, on)
             .join(dataset_table, dataset_table.c.id == table.c.dataset_id)
         )

@@ -43,7 +43,7 @@ from lsst.daf.butler.registry.wildcards import CollectionWildcard
 
 from .layout import DataIdValue
 
-__all__ = ["WALK_LIMIT", "TagsTable", "tags_table"]
+__all__ = ["WALK_LIMIT", "TagsTable", "dataset_table", "stored_ingest_date", "tags_table"]
 
 WALK_LIMIT = 256
 """Values found one index probe at a time before one ``DISTINCT`` reads them all.
@@ -64,9 +64,30 @@ def tags_table(butler: Any) -> TagsTable | None:
         return None
     try:
         registry = butler._registry
-        return TagsTable(registry._db, registry._managers.datasets, registry._managers.collections)
+        managers = registry._managers
+        return TagsTable(registry._db, managers.datasets, managers.collections, dataset_table(butler))
     except AttributeError:
         return None
+
+
+def dataset_table(butler: DirectButler) -> sqlalchemy.Table | None:
+    """Return the registry's ``dataset`` table (with ``ingest_date``), or `None` if not found."""
+    try:
+        table = butler._registry._managers.datasets._static.dataset  # type: ignore[attr-defined]
+    except AttributeError:
+        return None
+    if not isinstance(table, sqlalchemy.Table) or not {"id", "ingest_date"} <= set(table.c.keys()):
+        return None
+    return table
+
+
+def stored_ingest_date(dataset: sqlalchemy.Table) -> sqlalchemy.ColumnElement[Any]:
+    """The ``dataset`` table's ingest date as stored (nanoseconds TAI, or a naive UTC timestamp).
+
+    Without the column's TypeDecorator, which makes an astropy ``Time`` of each row.
+    """
+    date = dataset.c.ingest_date
+    return sqlalchemy.type_coerce(date, getattr(date.type, "impl_instance", date.type))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,12 +124,15 @@ class TagsTable:
         The registry's database.
     datasets, collections
         The registry's dataset and collection managers.
+    dataset : `sqlalchemy.Table` or `None`
+        The registry's ``dataset`` table (`dataset_table`); `None`: `rows` is left to the Butler.
     """
 
-    def __init__(self, db: Any, datasets: Any, collections: Any) -> None:
+    def __init__(self, db: Any, datasets: Any, collections: Any, dataset: sqlalchemy.Table | None) -> None:
         self._db = db
         self._datasets = datasets
         self._collections = collections
+        self._dataset = dataset
 
     def distinct(
         self,
@@ -146,7 +170,7 @@ class TagsTable:
     def count(self, dataset_type: str, run: str) -> int | None:
         """Return how many datasets of a type a RUN collection holds; `None` if this module cannot tell."""
         search = self._search(dataset_type, [run])
-        if search is None or self._collections.find(run).type != CollectionType.RUN:
+        if search is None or len(search.keys) != 1:  # not a RUN or TAGGED collection
             return None
         query = sqlalchemy.select(sqlalchemy.func.count()).where(
             *search.where({}), search.collection == search.keys[0]
@@ -176,12 +200,12 @@ class TagsTable:
         if this module cannot tell.
         """
         search = self._search(dataset_type, collections)
-        dataset = getattr(getattr(self._datasets, "_static", None), "dataset", None)
+        dataset = self._dataset
         run_column = self._collections.getRunForeignKeyName()
         if (
             search is None
-            or not isinstance(dataset, sqlalchemy.Table)
-            or not {run_column, "id", "ingest_date"} <= set(dataset.c.keys())
+            or dataset is None
+            or run_column not in dataset.c
             or not search.has(*dimensions, *fixed, *(group[:1] if group else ()))
         ):
             return None
@@ -193,9 +217,6 @@ class TagsTable:
                 where.append(column.between(min(values), max(values)))
             else:
                 where.append(column.in_(list(values)))
-        date = dataset.c.ingest_date
-        # The stored value, without the TypeDecorator that makes an astropy Time of it.
-        raw = sqlalchemy.type_coerce(date, getattr(date.type, "impl_instance", date.type))
         found: Any = table
         conditions = where
         if len(search.keys) > 1:
@@ -225,7 +246,7 @@ class TagsTable:
                 c.dataset_id,
                 c[search.collection.name],
                 dataset.c[run_column],
-                raw if dates else sqlalchemy.null(),
+                stored_ingest_date(dataset) if dates else sqlalchemy.null(),
                 *(c[d] for d in dimensions),
             )
             .select_from(found.join(dataset, dataset.c.id == c.dataset_id))
