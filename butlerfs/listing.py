@@ -5,7 +5,10 @@ per directory and per name (about 1.9 KB each). A `Chunk` instead holds one nump
 array per column, rows sorted by data ID, so that every directory inside it is a
 contiguous range of rows: its subdirectories are where the next dimension's column
 changes value, a child is found by binary search, and names are made only when a
-directory is listed. About 100 bytes per dataset, most of it the artifact's path.
+directory is listed. About 70 bytes per dataset plus the artifact's path, which is
+kept zlib-compressed in blocks of `PATH_BLOCK` paths: consecutive datasets' paths share
+most of their text (the run, the dataset type, the data ID's leading values), and a path
+is needed only when a file is opened or looked up, not when a directory is listed.
 
 `DatasetRows` is what the registry hands over (plain columns); `Chunk.build` sorts and
 packs it; `Chunk.to_bytes` / `Chunk.from_bytes` give the on-disk form kept by
@@ -29,8 +32,11 @@ from .layout import DataIdValue, decode_value, dimension_dir, encode_value, file
 
 __all__ = ["FORMAT_VERSION", "ArtifactLike", "Chunk", "DatasetRows", "candidate_values", "extension_of_path"]
 
-FORMAT_VERSION = 1
-"""Version of `Chunk.to_bytes`; a different version is never read."""
+FORMAT_VERSION = 2
+"""Version of `Chunk.to_bytes`; a different version is never read (1: paths uncompressed)."""
+
+PATH_BLOCK = 64
+"""Artifact paths compressed together: a path costs one block's decompression (about 10 µs)."""
 
 _MAGIC = b"BFSC"
 _HEADER = struct.Struct("<4sII")  # magic, format version, header length
@@ -112,7 +118,11 @@ class Chunk:
     """True where a dataset shares its data ID with another (calibrations): its names get a UUID."""
     art_start: np.ndarray
     art_paths: bytes
+    """The paths' blocks, each `PATH_BLOCK` artifacts' paths zlib-compressed, end to end."""
+    art_path_blocks: np.ndarray
+    """Where each block starts in ``art_paths``, and where the last ends."""
     art_path_start: np.ndarray
+    """Where each path starts in the uncompressed text of all the paths, and where the last ends."""
     art_sizes: np.ndarray
     art_stores: np.ndarray
     art_components: np.ndarray
@@ -189,6 +199,12 @@ class Chunk:
         path_start = np.zeros(len(paths) + 1, dtype=np.int64)
         if paths:
             np.cumsum([len(p) for p in paths], out=path_start[1:])
+        blocks = [
+            zlib.compress(b"".join(paths[k : k + PATH_BLOCK])) for k in range(0, len(paths), PATH_BLOCK)
+        ]
+        block_start = np.zeros(len(blocks) + 1, dtype=np.int64)
+        if blocks:
+            np.cumsum([len(b) for b in blocks], out=block_start[1:])
         comp_vocab = sorted({c for c in comps if c is not None})
         comp_index = {c: i + 1 for i, c in enumerate(comp_vocab)}
         ext_vocab, ext_codes = _vocabulary(ext_of)
@@ -205,7 +221,8 @@ class Chunk:
             listed_at=listed_at,
             duplicate=duplicate,
             art_start=art_start,
-            art_paths=b"".join(paths),
+            art_paths=b"".join(blocks),
+            art_path_blocks=block_start,
             art_path_start=path_start,
             art_sizes=np.asarray(sizes, dtype=np.int64),
             art_stores=np.asarray(stores, dtype=np.int16),
@@ -225,7 +242,8 @@ class Chunk:
     def nbytes(self) -> int:
         """Bytes this chunk holds (arrays, paths, vocabularies; an estimate for the small parts)."""
         arrays = [*self.columns, self.ids, self.run_codes, self.duplicate, self.art_start]
-        arrays += [self.art_path_start, self.art_sizes, self.art_stores, self.art_components, self.art_exts]
+        arrays += [self.art_path_start, self.art_path_blocks, self.art_sizes, self.art_stores]
+        arrays += [self.art_components, self.art_exts]
         if self.mtimes is not None:
             arrays.append(self.mtimes)
         small = sum(len(w) + 60 for v in self.vocab if v for w in v) + 100 * len(self.checksums)
@@ -242,9 +260,7 @@ class Chunk:
     def data_id(self, row: int) -> tuple[tuple[str, DataIdValue], ...]:
         """The full data ID of dataset ``row``."""
         depth = len(self.fixed)
-        return self.fixed + tuple(
-            (dim, self.value(k, row)) for k, dim in enumerate(self.dimensions[depth:])
-        )
+        return self.fixed + tuple((dim, self.value(k, row)) for k, dim in enumerate(self.dimensions[depth:]))
 
     def code_of(self, column: int, value: DataIdValue) -> int | None:
         """The stored code of ``value`` in a column, or `None` if no row has it."""
@@ -343,20 +359,29 @@ class Chunk:
 
     def artifact(self, art: int) -> tuple[int, str, int, str | None, str | None]:
         """``(store, path, size, component, checksum)`` of artifact ``art``."""
-        start, stop = int(self.art_path_start[art]), int(self.art_path_start[art + 1])
         return (
             int(self.art_stores[art]),
-            self.art_paths[start:stop].decode(),
+            self.path(art),
             int(self.art_sizes[art]),
             self.components[int(self.art_components[art])],
             self.checksums.get(art),
         )
 
+    def path(self, art: int) -> str:
+        """The datastore path of artifact ``art``, as its record gives it."""
+        block = art // PATH_BLOCK
+        first = block * PATH_BLOCK
+        lo, hi = int(self.art_path_blocks[block]), int(self.art_path_blocks[block + 1])
+        text = zlib.decompress(self.art_paths[lo:hi])
+        base = int(self.art_path_start[first])
+        start, stop = int(self.art_path_start[art]) - base, int(self.art_path_start[art + 1]) - base
+        return text[start:stop].decode()
+
     # -- on disk ------------------------------------------------------------------------------
 
     _ARRAYS = (
-        "ids", "run_codes", "duplicate", "art_start", "art_path_start", "art_sizes", "art_stores",
-        "art_components", "art_exts",
+        "ids", "run_codes", "duplicate", "art_start", "art_path_start", "art_path_blocks", "art_sizes",
+        "art_stores", "art_components", "art_exts",
     )  # fmt: skip
 
     def to_bytes(self) -> bytes:
@@ -431,9 +456,14 @@ class Chunk:
             )
         except (KeyError, TypeError, struct.error, zlib.error, json.JSONDecodeError) as err:
             raise ValueError(f"damaged chunk: {err}") from None
-        n = len(chunk.ids)
+        n, arts = len(chunk.ids), len(chunk.art_sizes)
         if chunk.ids.shape != (n, 16) or len(chunk.art_start) != n + 1 or any(len(c) != n for c in columns):
             raise ValueError("damaged chunk: inconsistent lengths")
+        blocks = chunk.art_path_blocks
+        if len(chunk.art_path_start) != arts + 1 or len(blocks) != -(-arts // PATH_BLOCK) + 1:
+            raise ValueError("damaged chunk: inconsistent lengths")
+        if blocks[0] != 0 or blocks[-1] != len(paths) or np.any(np.diff(blocks) < 0):
+            raise ValueError("damaged chunk: bad path blocks")
         return chunk
 
 

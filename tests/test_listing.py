@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 
@@ -108,6 +109,45 @@ def test_nbytes_is_about_a_hundred_bytes_per_dataset():
     data_ids = [("LSSTCam", d, f"v{v}") for d in range(10) for v in range(100)]
     chunk = Chunk.build("calexp", (), _rows(data_ids), listed_at=1.0)
     assert chunk.nbytes / len(chunk) < 200
+
+
+def _long_paths(n: int) -> DatasetRows:
+    """``n`` datasets whose paths look like a processing run's (about 145 bytes each)."""
+    run = "HSC/runs/RC2/w_2023_07/DM-38042/20230221T012345Z"
+    ids = [uuid.uuid4() for _ in range(n)]
+    visits = [1228 + i // 100 for i in range(n)]
+    detectors = [i % 100 for i in range(n)]
+    arts = [
+        [(0, Art(f"{run}/calexp/HSC-I/{v}/calexp_HSC_HSC-I_{v}_{d}_{run.replace('/', '_')}.fits", 10 + i))]
+        for i, (v, d) in enumerate(zip(visits, detectors, strict=True))
+    ]
+    values = [["HSC"] * n, visits, detectors]
+    return DatasetRows(("instrument", "visit", "detector"), values, ids, [run] * n, None, arts)
+
+
+def test_paths_are_held_compressed_and_read_back_exactly():
+    rows = _long_paths(1000)  # 16 blocks of paths, the last one partial
+    chunk = Chunk.build("calexp", (("instrument", "HSC"),), rows, listed_at=1.0)
+    back = Chunk.from_bytes(chunk.to_bytes())
+    raw = sum(len(a.path) for arts in rows.artifacts for _, a in arts)
+    assert raw / len(chunk) > 140
+    # Everything but the paths is about 70 bytes a dataset; the paths share most of their text.
+    assert chunk.nbytes / len(chunk) < 100
+    by_id = {dataset_id: arts[0][1] for dataset_id, arts in zip(rows.ids, rows.artifacts, strict=True)}
+    for got in (chunk, back):
+        for row in range(len(got)):
+            art = int(got.art_start[row])
+            store, path, size, _, _ = got.artifact(art)
+            want = by_id[got.dataset_id(row)]
+            assert (store, path, size) == (0, want.path, want.size)
+
+
+def test_damaged_path_blocks_are_refused():
+    chunk = Chunk.build("calexp", (("instrument", "HSC"),), _long_paths(200), listed_at=1.0)
+    for blocks in (chunk.art_path_blocks[:-1], chunk.art_path_blocks[::-1].copy(), chunk.art_path_blocks + 1):
+        bad = dataclasses.replace(chunk, art_path_blocks=blocks)
+        with pytest.raises(ValueError):
+            Chunk.from_bytes(bad.to_bytes())
 
 
 def test_candidate_values_read_the_last_value_back():
