@@ -23,6 +23,10 @@ needs=(
   s3fs:s3fs
   rclone:rclone
   fio:fio
+  # Other FUSE filesystems walking the same tree, for scripts/bench/bench_walk_floor.py.
+  squashfuse_ll:squashfuse
+  mksquashfs:squashfs-tools
+  bindfs:bindfs
 )
 have() {
   case "$1" in
