@@ -25,11 +25,17 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from .listing import FORMAT_VERSION
+
 __all__ = ["DiskIndex", "index_file"]
 
 _LOG = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+
+_VERSION = f"{SCHEMA_VERSION}.{FORMAT_VERSION}"
+# Stored in the file: a file of another schema or chunk format is emptied when opened, so a
+# new butlerfs reads none of an older one's listings (rather than discarding each as damaged).
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -77,12 +83,12 @@ class DiskIndex:
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-            if meta.get("signature") != signature or meta.get("version") != str(SCHEMA_VERSION):
+            if meta.get("signature") != signature or meta.get("version") != _VERSION:
                 # Another query or format under this name (a digest collision, an old file).
                 db.executescript("DELETE FROM nodes; DELETE FROM types; DELETE FROM meta;")
                 db.executemany(
                     "INSERT INTO meta VALUES (?, ?)",
-                    [("signature", signature), ("version", str(SCHEMA_VERSION))],
+                    [("signature", signature), ("version", _VERSION)],
                 )
         except sqlite3.Error:
             db.close()

@@ -110,6 +110,20 @@ def test_a_damaged_index_is_discarded(demo, tmp_path, caplog):
     assert "Discarding a damaged listing" in caplog.text
 
 
+def test_an_index_of_an_older_format_is_emptied_not_read(demo, tmp_path, caplog):
+    index = tmp_path / "index"
+    expected, _ = _listing(demo.root, [DEFAULTS], index)
+    (db,) = index.glob("*.sqlite")
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM nodes").fetchone()[0] > 0
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'version'")  # chunks of format 1
+        conn.execute("UPDATE nodes SET data = X'42465343010000000000'")  # which format 2 cannot read
+    with caplog.at_level(logging.WARNING, logger="butlerfs"):
+        again, counters = _listing(demo.root, [DEFAULTS], index)
+    assert again == expected and counters["loads_registry"] >= 1 and not counters.get("loads_index")
+    assert "Discarding" not in caplog.text
+
+
 @pytest.fixture
 def scratch(demo, tmp_path):
     """A dataset type and collections of our own in the demo repository, removed afterwards."""
