@@ -454,17 +454,58 @@ class Chunk:
                 checksums={int(k): v for k, v in header["checksums"].items()},
                 **{name: arrays[name] for name in cls._ARRAYS},
             )
+            _check(chunk)
         except (KeyError, TypeError, struct.error, zlib.error, json.JSONDecodeError) as err:
             raise ValueError(f"damaged chunk: {err}") from None
-        n, arts = len(chunk.ids), len(chunk.art_sizes)
-        if chunk.ids.shape != (n, 16) or len(chunk.art_start) != n + 1 or any(len(c) != n for c in columns):
-            raise ValueError("damaged chunk: inconsistent lengths")
-        blocks = chunk.art_path_blocks
-        if len(chunk.art_path_start) != arts + 1 or len(blocks) != -(-arts // PATH_BLOCK) + 1:
-            raise ValueError("damaged chunk: inconsistent lengths")
-        if blocks[0] != 0 or blocks[-1] != len(paths) or np.any(np.diff(blocks) < 0):
-            raise ValueError("damaged chunk: bad path blocks")
         return chunk
+
+
+def _check(chunk: Chunk) -> None:
+    """Raise `ValueError` unless every row, name and path of a loaded chunk can be read.
+
+    A blob that decompresses and parses can still be wrong (a bug, a hand-edited index):
+    it must fail here, and be fetched again, rather than load and then fail in a lookup
+    or a listing. This decompresses every block of paths once (about as long as reading
+    the blob itself), so that `Chunk.path` cannot fail later.
+    """
+    n, arts = len(chunk.ids), len(chunk.art_sizes)
+    per_row = [chunk.run_codes, chunk.duplicate, *chunk.columns]
+    if chunk.mtimes is not None:
+        per_row.append(chunk.mtimes)
+    per_art = [chunk.art_stores, chunk.art_components, chunk.art_exts]
+    offsets = [chunk.art_start, chunk.art_path_start, chunk.art_path_blocks]
+    integers = [*per_art, *offsets, chunk.art_sizes, chunk.run_codes, *chunk.columns]
+    blocks = chunk.art_path_blocks
+    if (
+        chunk.ids.shape != (n, 16)
+        or chunk.ids.dtype != np.uint8
+        or any(a.shape != (n,) for a in per_row)
+        or chunk.art_sizes.shape != (arts,)
+        or any(a.shape != (arts,) for a in per_art)
+        or chunk.art_start.shape != (n + 1,)
+        or chunk.art_path_start.shape != (arts + 1,)
+        or blocks.shape != (-(-arts // PATH_BLOCK) + 1,)
+        or len(chunk.columns) != len(chunk.dimensions) - len(chunk.fixed)
+        or any(a.dtype.kind != "i" for a in integers)
+    ):
+        raise ValueError("damaged chunk: inconsistent lengths or types")
+    for array, end in ((chunk.art_start, arts), (blocks, len(chunk.art_paths)), (chunk.art_path_start, None)):
+        if array[0] != 0 or np.any(np.diff(array) < 0) or (end is not None and array[-1] != end):
+            raise ValueError("damaged chunk: bad offsets")
+    bounds = [(chunk.run_codes, len(chunk.runs)), (chunk.art_components, len(chunk.components))]
+    bounds += [(chunk.art_exts, len(chunk.exts))]
+    bounds += [(c, len(v)) for c, v in zip(chunk.columns, chunk.vocab, strict=True) if v is not None]
+    if any(len(a) and (a.min() < 0 or a.max() >= size) for a, size in bounds):
+        raise ValueError("damaged chunk: a code out of range")
+    starts = chunk.art_path_start
+    for k in range(len(blocks) - 1):
+        first, last = k * PATH_BLOCK, min((k + 1) * PATH_BLOCK, arts)
+        try:
+            text = zlib.decompress(chunk.art_paths[blocks[k] : blocks[k + 1]])
+        except zlib.error as err:
+            raise ValueError(f"damaged chunk: paths: {err}") from None
+        if len(text) != starts[last] - starts[first]:
+            raise ValueError("damaged chunk: paths of the wrong length")
 
 
 def candidate_values(name: str, as_int: bool, has: Callable[[DataIdValue], bool]) -> Iterator[DataIdValue]:

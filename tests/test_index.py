@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import sqlite3
@@ -12,6 +13,7 @@ import pytest
 from conftest import DEFAULTS
 
 from butlerfs.errors import FsError
+from butlerfs.listing import Chunk
 from butlerfs.registry import RepoIndex
 from butlerfs.source import ButlerSource, Directory, File
 
@@ -107,6 +109,30 @@ def test_a_damaged_index_is_discarded(demo, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="butlerfs.source"):
         again, counters = _listing(demo.root, [DEFAULTS], index)
     assert again == expected and counters["loads_registry"] >= 1
+    assert "Discarding a damaged listing" in caplog.text
+
+
+def test_a_listing_whose_paths_are_damaged_is_fetched_again(demo, tmp_path, caplog):
+    """A stored chunk that decompresses and parses, but whose compressed paths do not."""
+    index = tmp_path / "index"
+    expected, _ = _listing(demo.root, [DEFAULTS], index)
+    (db,) = index.glob("*.sqlite")
+    damaged = 0
+    with sqlite3.connect(db) as conn:
+        for key, data in conn.execute("SELECT key, data FROM nodes").fetchall():
+            if not data.startswith(b"BFSC"):
+                continue  # a level (JSON)
+            chunk = Chunk.from_bytes(data)
+            if len(chunk.art_paths) > 8:
+                garbled = bytearray(chunk.art_paths)
+                garbled[4] ^= 0xFF  # inside the first block's deflate stream
+                blob = dataclasses.replace(chunk, art_paths=bytes(garbled)).to_bytes()
+                conn.execute("UPDATE nodes SET data = ? WHERE key = ?", (blob, key))
+                damaged += 1
+    assert damaged
+    with caplog.at_level(logging.WARNING, logger="butlerfs.source"):
+        again, counters = _listing(demo.root, [DEFAULTS], index)
+    assert again == expected and counters["loads_registry"] >= damaged
     assert "Discarding a damaged listing" in caplog.text
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 from butlerfs.layout import dataset_path
@@ -148,6 +149,55 @@ def test_damaged_path_blocks_are_refused():
         bad = dataclasses.replace(chunk, art_path_blocks=blocks)
         with pytest.raises(ValueError):
             Chunk.from_bytes(bad.to_bytes())
+
+
+def test_paths_read_back_across_blocks_with_several_or_no_artifacts_per_dataset():
+    # 0, 1, 2 or 3 artifacts a dataset: artifact numbers and block boundaries no longer line up
+    # with rows, and 64-artifact blocks end in the middle of a dataset.
+    n = 150
+    ids = [uuid.uuid4() for _ in range(n)]
+    arts = [[(0, Art(f"run/t/{i}/c{k}.fits", i * 10 + k, f"c{k}")) for k in range(i % 4)] for i in range(n)]
+    rows = DatasetRows(("instrument", "visit"), [["HSC"] * n, list(range(n))], ids, ["run"] * n, None, arts)
+    empty = DatasetRows(("visit",), [[]], [], [], None, [])
+    no_artifacts = DatasetRows(("visit",), [[1, 2]], ids[:2], ["run"] * 2, None, [[], []])
+    for fixed, some in (((("instrument", "HSC"),), rows), ((), empty), ((), no_artifacts)):
+        built = Chunk.build("t", fixed, some, listed_at=1.0)
+        by_id = {i: [a.path for _, a in arts] for i, arts in zip(some.ids, some.artifacts, strict=True)}
+        want = [p for row in range(len(built)) for p in by_id[built.dataset_id(row)]]
+        assert len(want) == sum(len(arts) for arts in some.artifacts)
+        for chunk in (built, Chunk.from_bytes(built.to_bytes())):
+            assert [chunk.path(a) for a in range(len(chunk.art_sizes))] == want
+
+
+def _damaged(chunk: Chunk, **changes: object) -> bytes:
+    return dataclasses.replace(chunk, **changes).to_bytes()  # type: ignore[arg-type]
+
+
+def test_damaged_but_readable_chunks_are_refused_when_loaded():
+    """A blob that decompresses and parses, but whose paths or artifact table are wrong.
+
+    Each must fail to load (`ValueError`: the listing is discarded and fetched again),
+    not load and then fail in a lookup (`path`) or a listing (`files`).
+    """
+    chunk = Chunk.build("calexp", (("instrument", "HSC"),), _long_paths(200), listed_at=1.0)
+    garbled = bytearray(chunk.art_paths)
+    garbled[chunk.art_path_blocks[1] + 5] ^= 0xFF  # inside the second block's deflate stream
+    starts = chunk.art_path_start.copy()
+    starts[3] = starts[-1] + 10_000  # a path past the end of its block
+    art_start = chunk.art_start.copy()
+    art_start[-1] += 1  # the last dataset owns an artifact that does not exist
+    truncated = chunk.art_path_blocks.copy()
+    truncated[1] -= 3  # the first block cut short, the second starting inside it
+    for blob in (
+        _damaged(chunk, art_paths=bytes(garbled)),
+        _damaged(chunk, art_path_start=starts),
+        _damaged(chunk, art_start=art_start),
+        _damaged(chunk, art_path_blocks=truncated),
+        _damaged(chunk, art_path_start=chunk.art_path_start.astype(np.float64)),
+        _damaged(chunk, art_exts=chunk.art_exts + 7),
+    ):
+        with pytest.raises(ValueError, match="damaged chunk"):
+            Chunk.from_bytes(blob)
 
 
 def test_candidate_values_read_the_last_value_back():
