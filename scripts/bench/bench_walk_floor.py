@@ -201,7 +201,8 @@ def report(n: int, reps: int, baseline: c.Sample, results: dict[str, dict[str, t
             f"In the {layout} layout the fastest other FUSE filesystem, {name}, walks the tree in "
             f"{c.seconds(wall)}, {wall / base:.2f}x the baseline: the 2x target is {verdict} what "
             f"a FUSE walk of that shape costs here. butlerfs takes {first / base:.2f}x on a first "
-            f"mount and {again / base:.2f}x on a remount, {again / wall:.2f}x that filesystem."
+            f"mount and {again / base:.2f}x on a remount ({first / wall:.2f}x and {again / wall:.2f}x "
+            "that filesystem's time)."
         )
     parts.append(
         "**Conclusion.** " + " ".join(sentences) + "\n"
