@@ -310,6 +310,10 @@ def run_fuse(
         # stalled endpoint would hold every other request (a stat, a listing, the kernel's
         # retry of a failed read) in the kernel. Waiting threads cost little.
         options["max_threads"] = MAX_THREADS
+        # libfuse 3.14.0 logs "Ignoring invalid max threads value 4294967295" when this is
+        # left unset (its "unset" value fails its own check). As many as may run: idle
+        # threads are kept, as libfuse's default does.
+        options["max_idle_threads"] = MAX_THREADS
     if allow_other:
         options["allow_other"] = True
     version = libfuse_version()
