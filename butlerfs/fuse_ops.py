@@ -205,7 +205,7 @@ class _ZeroCopyFUSE(mfusepy.FUSE):
     drops the attributes of ``READDIRPLUS`` entries given without (it replies with
     inode 0, which the kernel ignores, and looks every entry up). The kernel then asks
     for a directory in several requests; a listing made at offset 0 is kept for the
-    requests that continue it.
+    requests that continue it, until the one past its end (the reader is done).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -230,10 +230,22 @@ class _ZeroCopyFUSE(mfusepy.FUSE):
                     self._listed -= len(self._listings.popitem(last=False)[1])
         return entries
 
+    def _forget(self, path: bytes, entries: list[Entry]) -> None:
+        with self._listings_lock:
+            if self._listings.get(path) is entries:  # not a newer listing of the same directory
+                del self._listings[path]
+                self._listed -= len(entries)
+
     def readdir_fuse_3(
         self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
     ) -> int:
-        entries = self._listing(path or b"/", offset)
+        key = path or b"/"
+        entries = self._listing(key, offset)
+        if offset >= len(entries) + 2:
+            # The kernel asks past the end once a reader has read everything: drop the
+            # listing now (a walk would otherwise keep up to _LISTED_ENTRIES_KEPT entries).
+            self._forget(key, entries)
+            return 0
         plus = _FILL_DIR_PLUS if flags & _READDIR_PLUS else 0
         st = mfusepy.c_stat()
         uid, gid = self.operations.source.owner
