@@ -86,6 +86,11 @@ def extension_of_path(path: str) -> str:
     return "." + last
 
 
+def _words(offsets: np.ndarray) -> np.ndarray:
+    """Non-decreasing offsets as 4-byte words when the last fits (always, short of 2 GiB of paths)."""
+    return offsets.astype(np.int32) if offsets[-1] < 1 << 31 else offsets
+
+
 def _vocabulary(values: Sequence[Any]) -> tuple[list[Any], np.ndarray]:
     """Return the sorted distinct values and each value's index among them."""
     vocab = sorted(set(values))
@@ -215,15 +220,15 @@ class Chunk:
             columns=columns,
             vocab=vocab,
             ids=np.ascontiguousarray(id_bytes),
-            run_codes=run_codes[order].astype(np.int32),
+            run_codes=run_codes[order].astype(np.int16 if len(runs) < 1 << 15 else np.int32),
             runs=runs,
             mtimes=mtimes,
             listed_at=listed_at,
             duplicate=duplicate,
-            art_start=art_start,
+            art_start=_words(art_start),
             art_paths=b"".join(blocks),
             art_path_blocks=block_start,
-            art_path_start=path_start,
+            art_path_start=_words(path_start),
             art_sizes=np.asarray(sizes, dtype=np.int64),
             art_stores=np.asarray(stores, dtype=np.int16),
             art_components=np.asarray([comp_index.get(c, 0) if c else 0 for c in comps], dtype=np.int16),
