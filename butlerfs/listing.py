@@ -5,7 +5,7 @@ per directory and per name (about 1.9 KB each). A `Chunk` instead holds one nump
 array per column, rows sorted by data ID, so that every directory inside it is a
 contiguous range of rows: its subdirectories are where the next dimension's column
 changes value, a child is found by binary search, and names are made only when a
-directory is listed. About 70 bytes per dataset plus the artifact's path, which is
+directory is listed. About 60 bytes per dataset plus the artifact's path, which is
 kept zlib-compressed in blocks of `PATH_BLOCK` paths: consecutive datasets' paths share
 most of their text (the run, the dataset type, the data ID's leading values), and a path
 is needed only when a file is opened or looked up, not when a directory is listed.
