@@ -86,6 +86,14 @@ def extension_of_path(path: str) -> str:
     return "." + last
 
 
+def _starts(parts: Sequence[bytes]) -> np.ndarray:
+    """Where each of ``parts`` starts when they are joined end to end, and where the last ends."""
+    starts = np.zeros(len(parts) + 1, dtype=np.int64)
+    if parts:
+        np.cumsum([len(p) for p in parts], out=starts[1:])
+    return starts
+
+
 def _words(offsets: np.ndarray) -> np.ndarray:
     """Non-decreasing offsets as 4-byte words when the last fits (always, short of 2 GiB of paths)."""
     return offsets.astype(np.int32) if offsets[-1] < 1 << 31 else offsets
@@ -201,15 +209,11 @@ class Chunk:
                 comps.append(art.component)
                 ext_of.append(extension_of_path(art.path))
             art_start[i + 1] = len(paths)
-        path_start = np.zeros(len(paths) + 1, dtype=np.int64)
-        if paths:
-            np.cumsum([len(p) for p in paths], out=path_start[1:])
+        path_start = _starts(paths)
         blocks = [
             zlib.compress(b"".join(paths[k : k + PATH_BLOCK])) for k in range(0, len(paths), PATH_BLOCK)
         ]
-        block_start = np.zeros(len(blocks) + 1, dtype=np.int64)
-        if blocks:
-            np.cumsum([len(b) for b in blocks], out=block_start[1:])
+        block_start = _starts(blocks)
         comp_vocab = sorted({c for c in comps if c is not None})
         comp_index = {c: i + 1 for i, c in enumerate(comp_vocab)}
         ext_vocab, ext_codes = _vocabulary(ext_of)
@@ -375,12 +379,14 @@ class Chunk:
     def path(self, art: int) -> str:
         """The datastore path of artifact ``art``, as its record gives it."""
         block = art // PATH_BLOCK
-        first = block * PATH_BLOCK
-        lo, hi = int(self.art_path_blocks[block]), int(self.art_path_blocks[block + 1])
-        text = zlib.decompress(self.art_paths[lo:hi])
-        base = int(self.art_path_start[first])
+        base = int(self.art_path_start[block * PATH_BLOCK])
         start, stop = int(self.art_path_start[art]) - base, int(self.art_path_start[art + 1]) - base
-        return text[start:stop].decode()
+        return self._path_block(block)[start:stop].decode()
+
+    def _path_block(self, block: int) -> bytes:
+        """The paths of artifacts ``block * PATH_BLOCK`` on (at most `PATH_BLOCK`), end to end."""
+        lo, hi = int(self.art_path_blocks[block]), int(self.art_path_blocks[block + 1])
+        return zlib.decompress(self.art_paths[lo:hi])
 
     # -- on disk ------------------------------------------------------------------------------
 
@@ -506,7 +512,7 @@ def _check(chunk: Chunk) -> None:
     for k in range(len(blocks) - 1):
         first, last = k * PATH_BLOCK, min((k + 1) * PATH_BLOCK, arts)
         try:
-            text = zlib.decompress(chunk.art_paths[blocks[k] : blocks[k + 1]])
+            text = chunk._path_block(k)
         except zlib.error as err:
             raise ValueError(f"damaged chunk: paths: {err}") from None
         if len(text) != starts[last] - starts[first]:
